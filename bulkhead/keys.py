@@ -1,0 +1,94 @@
+"""API keys: created once, shown once, stored as a SHA-256 hash, looked up by prefix.
+
+A key is ``bk_`` + 40 random URL-safe characters. The first 12 characters are the stored
+prefix (indexed); the full key is compared in constant time against the stored hash.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from bulkhead.db import Database
+from bulkhead.errors import InvalidInput, NotFound
+from bulkhead.ids import new_id
+from bulkhead.models import ApiKey, utcnow
+
+KEY_PREFIX = "bk_"
+PREFIX_LEN = 12
+PLANS = ("free", "pro")
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    key: ApiKey
+    secret: str  # the bk_… value, shown once
+
+    def public(self) -> dict[str, object]:
+        return {**self.key.public(), "key": self.secret, "webhook_secret": self.key.webhook_secret}
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_webhook_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+async def create_key(db: Database, name: str, plan: str = "free") -> CreatedKey:
+    name = name.strip()
+    if not name or len(name) > 200:
+        raise InvalidInput("name must be 1-200 characters")
+    if plan not in PLANS:
+        raise InvalidInput(f"plan must be one of {', '.join(PLANS)}")
+    secret = KEY_PREFIX + secrets.token_urlsafe(30)[:40]
+    row = ApiKey(
+        id=new_id("key"),
+        name=name,
+        prefix=secret[:PREFIX_LEN],
+        key_hash=hash_key(secret),
+        webhook_secret=new_webhook_secret(),
+        plan=plan,
+    )
+    async with db.session() as session:
+        session.add(row)
+        await session.commit()
+    return CreatedKey(key=row, secret=secret)
+
+
+async def list_keys(db: Database) -> list[ApiKey]:
+    async with db.session() as session:
+        rows = await session.execute(select(ApiKey).order_by(ApiKey.created_at))
+        return list(rows.scalars())
+
+
+async def revoke_key(db: Database, key_id: str) -> ApiKey:
+    async with db.session() as session:
+        row = await session.get(ApiKey, key_id)
+        if row is None:
+            raise NotFound(f"no API key {key_id}")
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
+            await session.commit()
+        return row
+
+
+async def authenticate(db: Database, secret: str) -> ApiKey | None:
+    """The live key for this secret, or None (unknown, malformed or revoked)."""
+    if not secret.startswith(KEY_PREFIX) or len(secret) < PREFIX_LEN + 8 or len(secret) > 200:
+        return None
+    async with db.session() as session:
+        row = (
+            await session.execute(select(ApiKey).where(ApiKey.prefix == secret[:PREFIX_LEN]))
+        ).scalar_one_or_none()
+    if row is None or row.revoked_at is not None:
+        return None
+    if not hmac.compare_digest(row.key_hash, hash_key(secret)):
+        return None
+    return row

@@ -1,0 +1,17 @@
+"""Typed keys for what the gateway keeps on its app and requests."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from arq.connections import ArqRedis
+
+from bulkhead.db import Database
+from bulkhead.models import ApiKey
+from gateway.jobs import JobService
+from gateway.settings import GatewaySettings
+
+SETTINGS = web.AppKey("settings", GatewaySettings)
+DB = web.AppKey("db", Database)
+REDIS = web.AppKey("redis", ArqRedis)
+JOBS = web.AppKey("jobs", JobService)
+KEY = web.RequestKey("api_key", ApiKey)

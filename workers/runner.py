@@ -1,0 +1,222 @@
+"""``run_job``: claim a queued job, run it on a vmhost, commit its end exactly once.
+
+Idempotency: the claim is ``UPDATE … SET status='running' WHERE status='queued' AND
+attempt=:attempt``, so a second delivery of the same arq job does nothing. The end is
+``UPDATE … WHERE status='running' AND attempt=:attempt`` in one transaction with the usage
+ledger row and the webhook event, so a job ends once, is billed once and announced once.
+While running, a heartbeat keeps the lease fresh and picks up cancel requests; a job whose
+worker died loses its lease and the reconciler runs it again under a new attempt number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy import update
+
+from billing.ledger import record_usage
+from bulkhead import queue, telemetry
+from bulkhead.db import Database
+from bulkhead.events import add_job_completed
+from bulkhead.metrics import record_duration
+from bulkhead.models import Job, utcnow
+from workers.errors import VmhostRejected, VmhostUnavailable
+from workers.settings import WorkerSettings
+from workers.vmhost_client import VmhostPool
+
+log = logging.getLogger("bulkhead.worker.runner")
+
+STATUS_BY_REASON = {
+    "exit": "completed",
+    "timeout": "timed_out",
+    "canceled": "canceled",
+    "oom": "failed",
+    "output_limit": "failed",
+    "quota_exceeded": "failed",
+    "lifetime_exceeded": "failed",
+    "internal_error": "failed",
+}
+
+
+@dataclass
+class Deps:
+    """What the worker's jobs need, built once in on_startup (arq's ``ctx['deps']``)."""
+
+    settings: WorkerSettings
+    db: Database
+    redis: Redis
+    vmhosts: VmhostPool
+
+
+def _parse_time(raw: Any, default: datetime) -> datetime:
+    if not isinstance(raw, str):
+        return default
+    return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+
+
+def run_spec(job: Job, run_id: str, max_output_bytes: int) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "language": job.language,
+        "code": job.code,
+        "command": job.command,
+        "stdin": job.stdin,
+        "env": job.env,
+        "files": job.files,
+        "timeout_s": job.timeout_s,
+        "limits": {"vcpus": job.vcpus, "memory_mb": job.memory_mb},
+        "network": job.network,
+        "template": job.template,
+        "max_output_bytes": max_output_bytes,
+    }
+
+
+async def run_job(ctx: dict[str, Any], job_id: str, attempt: int, trace: dict[str, str]) -> str:
+    deps: Deps = ctx["deps"]
+    span = telemetry.tracer("bulkhead.worker").start_as_current_span(
+        "run_job", context=telemetry.extract(trace), attributes={"job.id": job_id}
+    )
+    with span:
+        job = await _claim(deps.db, job_id, attempt)
+        if job is None:
+            return "skipped"
+        return await _execute(deps, job, attempt)
+
+
+async def _claim(db: Database, job_id: str, attempt: int) -> Job | None:
+    now = utcnow()
+    async with db.session() as session:
+        claimed = await session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued", Job.attempt == attempt)  # type: ignore[arg-type]
+            .values(status="running", started_at=now, heartbeat_at=now)
+        )
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            await session.rollback()
+            return None
+        job = await session.get(Job, job_id)
+        await session.commit()
+    return job
+
+
+async def _execute(deps: Deps, job: Job, attempt: int) -> str:
+    run_id = f"{job.id}-{attempt}"
+    host: list[str] = []
+    spec = run_spec(job, run_id, deps.settings.max_output_bytes)
+    run = asyncio.create_task(deps.vmhosts.run(spec, host.append))
+    beat = asyncio.create_task(_heartbeat(deps, job.id, attempt, run, host, run_id))
+    started = utcnow()
+    outcome: dict[str, Any]
+    try:
+        _url, outcome = await run
+    except asyncio.CancelledError:
+        if not beat.done() or not beat.result():
+            raise  # the worker is shutting down: leave the job to the reconciler
+        outcome = {"termination_reason": "canceled", "exit_code": None}
+    except (VmhostUnavailable, VmhostRejected) as exc:
+        log.error("job %s: %s", job.id, exc.message)
+        outcome = {
+            "termination_reason": "internal_error",
+            "exit_code": None,
+            "error": {"code": exc.code, "message": exc.message},
+        }
+    finally:
+        beat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beat
+    return await _finish(deps, job, attempt, outcome, started, host[-1] if host else None)
+
+
+async def _heartbeat(
+    deps: Deps, job_id: str, attempt: int, run: asyncio.Task[Any], host: list[str], run_id: str
+) -> bool:
+    """Keep the lease fresh; on a cancel request kill the run and return True."""
+    interval = max(0.2, min(1.0, deps.settings.job_lease_s / 5))
+    while True:
+        await asyncio.sleep(interval)
+        async with deps.db.session() as session:
+            await session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.attempt == attempt)  # type: ignore[arg-type]
+                .values(heartbeat_at=utcnow())
+            )
+            job = await session.get(Job, job_id)
+            await session.commit()
+        if job is not None and job.cancel_requested:
+            if host:
+                await deps.vmhosts.kill(host[-1], run_id)
+            await asyncio.sleep(2.0)  # the vmhost's stream should end with "canceled"
+            if not run.done():
+                run.cancel()
+            return True
+
+
+async def _finish(
+    deps: Deps,
+    job: Job,
+    attempt: int,
+    outcome: dict[str, Any],
+    started: datetime,
+    vmhost_url: str | None,
+) -> str:
+    now = utcnow()
+    reason = outcome.get("termination_reason") or "internal_error"
+    started_at = _parse_time(outcome.get("started_at"), started)
+    finished_at = _parse_time(outcome.get("finished_at"), now)
+    error = outcome.get("error") or {}
+    duration_ms = outcome.get("duration_ms")
+    if duration_ms is None:
+        duration_ms = int((finished_at - started_at).total_seconds() * 1000)
+    values: dict[str, Any] = {
+        "status": STATUS_BY_REASON.get(reason, "failed"),
+        "termination_reason": reason,
+        "exit_code": outcome.get("exit_code"),
+        "stdout": outcome.get("stdout", ""),
+        "stderr": outcome.get("stderr", ""),
+        "stdout_truncated": bool(outcome.get("stdout_truncated")),
+        "stderr_truncated": bool(outcome.get("stderr_truncated")),
+        "error_code": error.get("code"),
+        "error_message": error.get("message"),
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "duration_ms": duration_ms,
+        "vmhost_url": vmhost_url,
+    }
+    ran = "started_at" in outcome  # a sandbox really ran: bill it
+    async with deps.db.session() as session:
+        ended = await session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == "running", Job.attempt == attempt)  # type: ignore[arg-type]
+            .values(**values)
+        )
+        if ended.rowcount != 1:  # type: ignore[attr-defined]
+            await session.rollback()
+            log.warning("job %s attempt %s ended after losing its lease", job.id, attempt)
+            return "lost_lease"
+        row = await session.get(Job, job.id)
+        assert row is not None
+        if ran:
+            usage = await record_usage(
+                session,
+                api_key_id=row.api_key_id,
+                subject_type="job",
+                subject_id=row.id,
+                started_at=started_at,
+                ended_at=finished_at,
+                vcpus=row.vcpus,
+                memory_mb=row.memory_mb,
+            )
+            row.sandbox_seconds = usage.seconds
+        event = await add_job_completed(session, row)
+        await session.commit()
+    await deps.redis.publish(queue.JOB_DONE_CHANNEL + job.id, b"1")
+    if event is not None:
+        await queue.enqueue_webhook(deps.redis, deps.settings.common.queue_name, event.id, 1)  # type: ignore[arg-type]
+    await record_duration(deps.redis, duration_ms / 1000)
+    return values["status"]
