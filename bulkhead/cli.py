@@ -56,7 +56,6 @@ def cmd_worker(_args: argparse.Namespace) -> int:
 
 def cmd_vmhost(args: argparse.Namespace) -> int:
     from vmhost.app import run
-
     from vmhost.settings import VmhostSettings
 
     _logging("vmhost")

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from redis.asyncio import Redis
+from arq.connections import ArqRedis
 
 from bulkhead.db import Database
 
@@ -62,8 +62,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
+async def redis(redis_url: str) -> AsyncIterator[ArqRedis]:
+    client = ArqRedis.from_url(redis_url)
     await client.flushdb()
     yield client
     await client.aclose()

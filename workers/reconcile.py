@@ -61,7 +61,7 @@ async def _recover_lost_runs(deps: Deps) -> int:
             await session.commit()
         if moved.rowcount == 1:  # type: ignore[attr-defined]
             log.warning("job %s lost its worker; running it again (attempt %s)", job_id, attempt + 1)
-            await queue.enqueue_run(deps.redis, deps.settings.common.queue_name, job_id,  # type: ignore[arg-type]
+            await queue.enqueue_run(deps.redis, deps.settings.common.queue_name, job_id,
                                     attempt + 1, {})
             count += 1
     return count
@@ -91,7 +91,7 @@ async def _fail(deps: Deps, job_id: str, attempt: int) -> None:
     log.error("job %s failed: its worker died %s times", job_id, attempt)
     await deps.redis.publish(queue.JOB_DONE_CHANNEL + job_id, b"1")
     if event is not None:
-        await queue.enqueue_webhook(deps.redis, deps.settings.common.queue_name, event.id, 1)  # type: ignore[arg-type]
+        await queue.enqueue_webhook(deps.redis, deps.settings.common.queue_name, event.id, 1)
 
 
 async def _requeue_stale(deps: Deps) -> int:
@@ -105,5 +105,5 @@ async def _requeue_stale(deps: Deps) -> int:
             )
         ).all()
     for job_id, attempt in rows:
-        await queue.enqueue_run(deps.redis, deps.settings.common.queue_name, job_id, attempt, {})  # type: ignore[arg-type]
+        await queue.enqueue_run(deps.redis, deps.settings.common.queue_name, job_id, attempt, {})
     return len(rows)

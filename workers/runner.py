@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from redis.asyncio import Redis
+from arq.connections import ArqRedis
 from sqlalchemy import update
 
 from billing.ledger import record_usage
@@ -50,7 +50,7 @@ class Deps:
 
     settings: WorkerSettings
     db: Database
-    redis: Redis
+    redis: ArqRedis
     vmhosts: VmhostPool
 
 
@@ -217,6 +217,6 @@ async def _finish(
         await session.commit()
     await deps.redis.publish(queue.JOB_DONE_CHANNEL + job.id, b"1")
     if event is not None:
-        await queue.enqueue_webhook(deps.redis, deps.settings.common.queue_name, event.id, 1)  # type: ignore[arg-type]
+        await queue.enqueue_webhook(deps.redis, deps.settings.common.queue_name, event.id, 1)
     await record_duration(deps.redis, duration_ms / 1000)
     return values["status"]

@@ -175,7 +175,7 @@ async def deliver_webhook(ctx: dict[str, Any], event_id: str, attempt: int, manu
         await session.commit()
     if delay is not None:
         await queue.enqueue_webhook(
-            deps.redis, deps.settings.common.queue_name, event_id, attempt + 1, delay  # type: ignore[arg-type]
+            deps.redis, deps.settings.common.queue_name, event_id, attempt + 1, delay
         )
     log.info("webhook %s attempt %s → %s", event_id, attempt, outcome.status_code or outcome.error)
     return "delivered" if outcome.delivered else (outcome.error or "failed")
