@@ -35,10 +35,33 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent / "bulkhead"
 PYTHON = os.path.realpath("/usr/bin/python3")
-BARE = ["bwrap", "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib",
-        "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin", "--proc", "/proc",
-        "--dev", "/dev", "--tmpfs", "/tmp", "--unshare-all", "--die-with-parent",
-        "--new-session", PYTHON, "-c", "print(1)"]
+BARE = [
+    "bwrap",
+    "--ro-bind",
+    "/usr",
+    "/usr",
+    "--symlink",
+    "usr/lib",
+    "/lib",
+    "--symlink",
+    "usr/lib64",
+    "/lib64",
+    "--symlink",
+    "usr/bin",
+    "/bin",
+    "--proc",
+    "/proc",
+    "--dev",
+    "/dev",
+    "--tmpfs",
+    "/tmp",
+    "--unshare-all",
+    "--die-with-parent",
+    "--new-session",
+    PYTHON,
+    "-c",
+    "print(1)",
+]
 
 
 def free_port() -> int:
@@ -68,8 +91,13 @@ def start_up(root: Path, port: int) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BULKHEAD_")}
     env["BULKHEAD_LOG_LEVEL"] = "WARNING"
     log = open(root / "up.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([str(BIN), "up", "--port", str(port)], cwd=root, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(BIN), "up", "--port", str(port)],
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 90
     while not (root / ".bulkhead" / "up.json").exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -80,8 +108,14 @@ def start_up(root: Path, port: int) -> subprocess.Popen[bytes]:
 
 def make_key(root: Path) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BULKHEAD_")}
-    out = subprocess.run([str(BIN), "keys", "create", "--name", "bench", "--json"], cwd=root,
-                         env=env, check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(BIN), "keys", "create", "--name", "bench", "--json"],
+        cwd=root,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return str(json.loads(out.stdout)["key"])
 
 
@@ -165,8 +199,14 @@ def admission(root: Path, key: str, seconds: int) -> tuple[float, float]:
     gw_port = free_port()
     state = json.loads((root / ".bulkhead" / "up.json").read_text())
     env = {k: v for k, v in os.environ.items() if not k.startswith("BULKHEAD_")}
-    env.update({"BULKHEAD_REDIS_URL": state["redis_url"], "BULKHEAD_QUEUE_NAME": "bench:admission",
-                "BULKHEAD_LOG_LEVEL": "WARNING", "BULKHEAD_DATA_DIR": str(root / ".bulkhead")})
+    env.update(
+        {
+            "BULKHEAD_REDIS_URL": state["redis_url"],
+            "BULKHEAD_QUEUE_NAME": "bench:admission",
+            "BULKHEAD_LOG_LEVEL": "WARNING",
+            "BULKHEAD_DATA_DIR": str(root / ".bulkhead"),
+        }
+    )
     gateway = subprocess.Popen([str(BIN), "gateway", "--port", str(gw_port)], cwd=root, env=env)
     script = root / "post.lua"
     script.write_text(
@@ -207,17 +247,23 @@ async def main() -> None:
             jobs = await round_trips(url, key, args.n)
             print(f"bare bwrap python3 print(1): {summary(bare)}")
             print(f"job round trip (?wait):      {summary(jobs)}")
-            print(f"  ratio p50 {pct(jobs, 50) / pct(bare, 50):.2f}x (target <= 4x), "
-                  f"p99 {pct(jobs, 99) / pct(bare, 99):.2f}x vs bare p99, "
-                  f"{pct(jobs, 99) / pct(bare, 50):.2f}x vs bare p50 (target <= 10x)")
+            print(
+                f"  ratio p50 {pct(jobs, 50) / pct(bare, 50):.2f}x (target <= 4x), "
+                f"p99 {pct(jobs, 99) / pct(bare, 99):.2f}x vs bare p99, "
+                f"{pct(jobs, 99) / pct(bare, 50):.2f}x vs bare p50 (target <= 10x)"
+            )
             parallel = os.cpu_count() or 2
             bare_rate = await bare_burst(args.burst, parallel)
             job_rate = await burst(url, key, args.burst)
-            print(f"throughput: jobs {job_rate:.1f}/s, bare bwrap {bare_rate:.1f}/s "
-                  f"(parallel {parallel}): {100 * job_rate / bare_rate:.0f} % (target >= 60 %)")
+            print(
+                f"throughput: jobs {job_rate:.1f}/s, bare bwrap {bare_rate:.1f}/s "
+                f"(parallel {parallel}): {100 * job_rate / bare_rate:.0f} % (target >= 60 %)"
+            )
             admitted, floor = admission(root, key, args.seconds)
-            print(f"admission: POST /v1/jobs {admitted:.0f} req/s, aiohttp hello-world "
-                  f"{floor:.0f} req/s: {100 * admitted / floor:.1f} % (target >= 20 %)")
+            print(
+                f"admission: POST /v1/jobs {admitted:.0f} req/s, aiohttp hello-world "
+                f"{floor:.0f} req/s: {100 * admitted / floor:.1f} % (target >= 20 %)"
+            )
         finally:
             up.send_signal(signal.SIGTERM)
             up.wait(timeout=60)

@@ -11,6 +11,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from bulkhead.ids import new_id
 from bulkhead.models import UsageRecord
@@ -33,7 +34,7 @@ async def record_usage(
 ) -> UsageRecord:
     """Add the ledger row for one run (or return the one already there)."""
     existing = (
-        await session.execute(select(UsageRecord).where(UsageRecord.subject_id == subject_id))
+        await session.execute(select(UsageRecord).where(col(UsageRecord.subject_id) == subject_id))
     ).scalar_one_or_none()
     if existing is not None:
         return existing

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
+from sqlmodel import col
 
 from billing.errors import InvalidPeriod
 from bulkhead.db import Database
@@ -80,11 +81,11 @@ async def _rows(db: Database, key_id: str, period: Period) -> list[UsageRecord]:
         result = await session.execute(
             select(UsageRecord)
             .where(
-                UsageRecord.api_key_id == key_id,
-                UsageRecord.ended_at >= period.start,  # type: ignore[arg-type]
-                UsageRecord.ended_at < period.end,  # type: ignore[arg-type]
+                col(UsageRecord.api_key_id) == key_id,
+                col(UsageRecord.ended_at) >= period.start,
+                col(UsageRecord.ended_at) < period.end,
             )
-            .order_by(UsageRecord.ended_at)  # type: ignore[arg-type]
+            .order_by(col(UsageRecord.ended_at))
         )
         return list(result.scalars())
 
@@ -129,8 +130,15 @@ async def report(
     }
 
 
-CSV_COLUMNS = ("start", "sandbox_seconds", "sandbox_hours", "jobs", "sandboxes",
-               "vcpu_seconds", "gib_seconds")
+CSV_COLUMNS = (
+    "start",
+    "sandbox_seconds",
+    "sandbox_hours",
+    "jobs",
+    "sandboxes",
+    "vcpu_seconds",
+    "gib_seconds",
+)
 
 
 def to_csv(usage: dict[str, Any]) -> str:

@@ -1,9 +1,9 @@
 """The ``bulkhead`` command: run the whole thing or one piece, and manage API keys.
 
-    bulkhead up [--host H] [--port P] [--workers N]   everything on this machine
-    bulkhead gateway|worker|vmhost [--host H] [--port P]   one deployable (multi-host)
-    bulkhead keys create --name N [--plan free|pro] [--json] | list [--json] | revoke ID
-    bulkhead migrate                                  create or upgrade the database
+bulkhead up [--host H] [--port P] [--workers N]   everything on this machine
+bulkhead gateway|worker|vmhost [--host H] [--port P]   one deployable (multi-host)
+bulkhead keys create --name N [--plan free|pro] [--json] | list [--json] | revoke ID
+bulkhead migrate                                  create or upgrade the database
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from bulkhead.settings import CommonSettings, SettingsError
 def _logging(name: str) -> None:
     level = os.environ.get("BULKHEAD_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(
-        level=level, stream=sys.stderr,
+        level=level,
+        stream=sys.stderr,
         format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
 

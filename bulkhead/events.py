@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from bulkhead.ids import new_id
 from bulkhead.models import ApiKey, Job, WebhookEvent
@@ -28,7 +29,7 @@ async def add_job_completed(session: AsyncSession, job: Job) -> WebhookEvent | N
     existing = (
         await session.execute(
             select(WebhookEvent).where(
-                WebhookEvent.subject_id == job.id, WebhookEvent.type == JOB_COMPLETED
+                col(WebhookEvent.subject_id) == job.id, col(WebhookEvent.type) == JOB_COMPLETED
             )
         )
     ).scalar_one_or_none()

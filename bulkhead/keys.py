@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlmodel import col
 
 from bulkhead.db import Database
 from bulkhead.errors import InvalidInput, NotFound
@@ -64,7 +65,7 @@ async def create_key(db: Database, name: str, plan: str = "free") -> CreatedKey:
 
 async def list_keys(db: Database) -> list[ApiKey]:
     async with db.session() as session:
-        rows = await session.execute(select(ApiKey).order_by(ApiKey.created_at))
+        rows = await session.execute(select(ApiKey).order_by(col(ApiKey.created_at)))
         return list(rows.scalars())
 
 
@@ -85,7 +86,7 @@ async def authenticate(db: Database, secret: str) -> ApiKey | None:
         return None
     async with db.session() as session:
         row = (
-            await session.execute(select(ApiKey).where(ApiKey.prefix == secret[:PREFIX_LEN]))
+            await session.execute(select(ApiKey).where(col(ApiKey.prefix) == secret[:PREFIX_LEN]))
         ).scalar_one_or_none()
     if row is None or row.revoked_at is not None:
         return None

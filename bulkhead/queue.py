@@ -44,7 +44,10 @@ async def enqueue_webhook(
     redis: ArqRedis, queue_name: str, event_id: str, attempt: int, defer_s: float = 0.0
 ) -> None:
     """Schedule automatic attempt number ``attempt`` (1-based) of an event."""
-    kwargs: dict[str, Any] = {"_job_id": webhook_job_id(event_id, attempt), "_queue_name": queue_name}
+    kwargs: dict[str, Any] = {
+        "_job_id": webhook_job_id(event_id, attempt),
+        "_queue_name": queue_name,
+    }
     if defer_s > 0:
         kwargs["_defer_by"] = defer_s
     await redis.enqueue_job(DELIVER_WEBHOOK, event_id, attempt, False, **kwargs)

@@ -101,11 +101,28 @@ class Supervisor:
             port = free_port()
             vdir = self.dir / "valkey"
             vdir.mkdir(exist_ok=True)
-            self.children.append(Child("valkey", [
-                str(get_binary_path()), "--bind", "127.0.0.1", "--port", str(port),
-                "--dir", str(vdir), "--appendonly", "yes", "--save", "",
-                "--protected-mode", "yes", "--loglevel", "warning",
-            ]))
+            self.children.append(
+                Child(
+                    "valkey",
+                    [
+                        str(get_binary_path()),
+                        "--bind",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--dir",
+                        str(vdir),
+                        "--appendonly",
+                        "yes",
+                        "--save",
+                        "",
+                        "--protected-mode",
+                        "yes",
+                        "--loglevel",
+                        "warning",
+                    ],
+                )
+            )
             self.env["BULKHEAD_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
         if env_opt(self.env, "VMHOST_URLS") is None:
             vport = env_int(self.env, "VMHOST_PORT", 0) or free_port()
@@ -193,10 +210,13 @@ class Supervisor:
         url = self._gateway_url()
         print(f"\nBulkhead is up: {url}  (Ctrl-C stops it)", flush=True)
         if created is None:
-            print("API keys: `bulkhead keys list`, new one: `bulkhead keys create --name NAME`\n",
-                  flush=True)
+            print(
+                "API keys: `bulkhead keys list`, new one: `bulkhead keys create --name NAME`\n",
+                flush=True,
+            )
             return
-        print(f"""
+        print(
+            f"""
 Your first API key (shown once):      {created.secret}
 Its webhook signing secret:           {created.key.webhook_secret}
 
@@ -204,7 +224,9 @@ Try it:
   curl -s -X POST '{url}/v1/jobs?wait=30' \\
     -H 'Authorization: Bearer {created.secret}' -H 'Content-Type: application/json' \\
     -d '{{"language": "python", "code": "print(6 * 7)"}}'
-""", flush=True)
+""",
+            flush=True,
+        )
 
     def _write_state(self) -> None:
         state = {

@@ -132,7 +132,7 @@ def run(settings: GatewaySettings) -> None:
         host=settings.host,
         port=settings.port,
         access_log=None,
-        print=lambda *_: log.info("gateway listening on http://%s:%s", settings.host, settings.port),
+        print=lambda *_: log.info("gateway on http://%s:%s", settings.host, settings.port),
     )
     if provider is not None:
         provider.shutdown()

@@ -13,6 +13,7 @@ from typing import Any
 from arq.connections import ArqRedis
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import col
 
 from bulkhead import queue, telemetry
 from bulkhead.db import Database
@@ -36,8 +37,12 @@ class Page:
     next_cursor: str | None
 
     def public(self) -> dict[str, Any]:
-        return {"object": "list", "data": self.data, "has_more": self.has_more,
-                "next_cursor": self.next_cursor}
+        return {
+            "object": "list",
+            "data": self.data,
+            "has_more": self.has_more,
+            "next_cursor": self.next_cursor,
+        }
 
 
 class JobService:
@@ -111,7 +116,9 @@ class JobService:
         async with self.db.session() as session:
             found = (
                 await session.execute(
-                    select(Job).where(Job.api_key_id == key_id, Job.idempotency_key == idem)
+                    select(Job).where(
+                        col(Job.api_key_id) == key_id, col(Job.idempotency_key) == idem
+                    )
                 )
             ).scalar_one_or_none()
         if found is not None and found.request_hash != request_hash:
@@ -137,18 +144,18 @@ class JobService:
 
     async def _is_done(self, job_id: str) -> bool:
         async with self.db.session() as session:
-            status = (await session.execute(select(Job.status).where(Job.id == job_id))).scalar()
+            status = (
+                await session.execute(select(col(Job.status)).where(col(Job.id) == job_id))
+            ).scalar()
         return status in TERMINAL_STATUSES
 
-    async def list(
-        self, key: ApiKey, status: str | None, limit: int, cursor: str | None
-    ) -> Page:
-        query = select(Job).where(Job.api_key_id == key.id)
+    async def page(self, key: ApiKey, status: str | None, limit: int, cursor: str | None) -> Page:
+        query = select(Job).where(col(Job.api_key_id) == key.id)
         if status is not None:
-            query = query.where(Job.status == status)
+            query = query.where(col(Job.status) == status)
         if cursor is not None:
-            query = query.where(Job.id < cursor)
-        query = query.order_by(Job.id.desc()).limit(limit + 1)  # type: ignore[attr-defined]
+            query = query.where(col(Job.id) < cursor)
+        query = query.order_by(col(Job.id).desc()).limit(limit + 1)
         async with self.db.session() as session:
             rows = list((await session.execute(query)).scalars())
         more = len(rows) > limit
@@ -163,7 +170,7 @@ class JobService:
         async with self.db.session() as session:
             ended = await session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.status == "queued")  # type: ignore[arg-type]
+                .where(col(Job.id) == job_id, col(Job.status) == "queued")
                 .values(status="canceled", termination_reason="canceled", finished_at=now)
             )
             if ended.rowcount == 1:  # type: ignore[attr-defined]
@@ -174,7 +181,7 @@ class JobService:
                 await self._after_end(job_id, event)
                 return await self.get(key, job_id)
             await session.execute(
-                update(Job).where(Job.id == job_id).values(cancel_requested=True)  # type: ignore[arg-type]
+                update(Job).where(col(Job.id) == job_id).values(cancel_requested=True)
             )
             await session.commit()
         # a worker runs it: it sees cancel_requested within its heartbeat and kills the sandbox
@@ -191,8 +198,8 @@ class JobService:
         async with self.db.session() as session:
             rows = await session.execute(
                 select(WebhookAttempt)
-                .where(WebhookAttempt.subject_id == job_id)
-                .order_by(WebhookAttempt.created_at)  # type: ignore[arg-type]
+                .where(col(WebhookAttempt.subject_id) == job_id)
+                .order_by(col(WebhookAttempt.created_at))
             )
             return [r.public() for r in rows.scalars()]
 
@@ -200,7 +207,9 @@ class JobService:
         job = await self.get(key, job_id)
         async with self.db.session() as session:
             event = (
-                await session.execute(select(WebhookEvent).where(WebhookEvent.subject_id == job.id))
+                await session.execute(
+                    select(WebhookEvent).where(col(WebhookEvent.subject_id) == job.id)
+                )
             ).scalar_one_or_none()
         if event is None:
             raise NotFound(f"job {job_id} has no webhook event (no callback_url, or not ended)")
@@ -211,5 +220,7 @@ class JobService:
 
     async def counts_by_status(self) -> dict[str, int]:
         async with self.db.session() as session:
-            rows = await session.execute(select(Job.status, func.count()).group_by(Job.status))
+            rows = await session.execute(
+                select(col(Job.status), func.count()).group_by(col(Job.status))
+            )
             return {status: int(n) for status, n in rows.all()}

@@ -70,7 +70,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         raise Unprocessable("limit must be an integer") from exc
     if not 1 <= limit <= MAX_PAGE:
         raise Unprocessable(f"limit must be between 1 and {MAX_PAGE}")
-    page = await request.app[JOBS].list(request[KEY], status, limit, request.query.get("cursor"))
+    page = await request.app[JOBS].page(request[KEY], status, limit, request.query.get("cursor"))
     return web.json_response(page.public())
 
 
@@ -154,12 +154,15 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE bulkhead_queue_depth gauge",
         f"bulkhead_queue_depth {depth}",
     ]
-    raw = await redis.hgetall(DURATION_KEY)
+    raw: dict[bytes, bytes] = await redis.hgetall(DURATION_KEY)  # type: ignore[misc]
     lines += render_histogram(
         "bulkhead_job_duration_seconds", "Sandbox run time of finished jobs.", raw
     )
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain",
-                        headers={"X-Content-Format": "prometheus-0.0.4"})
+    return web.Response(
+        text="\n".join(lines) + "\n",
+        content_type="text/plain",
+        headers={"X-Content-Format": "prometheus-0.0.4"},
+    )
 
 
 async def openapi(_request: web.Request) -> web.Response:

@@ -46,8 +46,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     workdir = tmp_path_factory.mktemp("valkey")
     proc = subprocess.Popen(
-        [str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--dir", str(workdir), "--loglevel", "warning"],
+        [
+            str(get_binary_path()),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(workdir),
+            "--loglevel",
+            "warning",
+        ],
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

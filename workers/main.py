@@ -90,8 +90,13 @@ def build_worker(settings: WorkerSettings) -> WakeableWorker:
             func(deliver_webhook, name=queue.DELIVER_WEBHOOK, timeout=60, max_tries=5),
         ],
         cron_jobs=[
-            cron(reconcile_jobs, second=set(range(0, 60, every)), unique=True, timeout=60,
-                 run_at_startup=True),
+            cron(
+                reconcile_jobs,
+                second=set(range(0, 60, every)),
+                unique=True,
+                timeout=60,
+                run_at_startup=True,
+            ),
         ],
         redis_settings=RedisSettings.from_dsn(settings.common.redis_url),
         queue_name=settings.common.queue_name,

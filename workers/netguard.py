@@ -70,7 +70,11 @@ class VettedResolver(AbstractResolver):
                 )
             results.append(
                 ResolveResult(
-                    hostname=host, host=str(ip), port=port, family=fam, proto=proto,
+                    hostname=host,
+                    host=str(ip),
+                    port=port,
+                    family=fam,
+                    proto=proto,
                     flags=socket.AI_NUMERICHOST,
                 )
             )

@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlmodel import col
 
 from bulkhead import queue
 from bulkhead.events import add_job_completed
@@ -40,8 +41,8 @@ async def _recover_lost_runs(deps: Deps) -> int:
         stale = list(
             (
                 await session.execute(
-                    select(Job.id, Job.attempt)
-                    .where(Job.status == "running", Job.heartbeat_at < cutoff)  # type: ignore[arg-type, operator]
+                    select(col(Job.id), col(Job.attempt))
+                    .where(col(Job.status) == "running", col(Job.heartbeat_at) < cutoff)
                     .limit(BATCH)
                 )
             ).all()
@@ -55,14 +56,17 @@ async def _recover_lost_runs(deps: Deps) -> int:
         async with deps.db.session() as session:
             moved = await session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.status == "running", Job.attempt == attempt)  # type: ignore[arg-type]
+                .where(
+                    col(Job.id) == job_id, col(Job.status) == "running", col(Job.attempt) == attempt
+                )
                 .values(status="queued", attempt=attempt + 1, heartbeat_at=None)
             )
             await session.commit()
         if moved.rowcount == 1:  # type: ignore[attr-defined]
-            log.warning("job %s lost its worker; running it again (attempt %s)", job_id, attempt + 1)
-            await queue.enqueue_run(deps.redis, deps.settings.common.queue_name, job_id,
-                                    attempt + 1, {})
+            log.warning("job %s lost its worker; attempt %s", job_id, attempt + 1)
+            await queue.enqueue_run(
+                deps.redis, deps.settings.common.queue_name, job_id, attempt + 1, {}
+            )
             count += 1
     return count
 
@@ -72,7 +76,7 @@ async def _fail(deps: Deps, job_id: str, attempt: int) -> None:
     async with deps.db.session() as session:
         ended = await session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == "running", Job.attempt == attempt)  # type: ignore[arg-type]
+            .where(col(Job.id) == job_id, col(Job.status) == "running", col(Job.attempt) == attempt)
             .values(
                 status="failed",
                 termination_reason="internal_error",
@@ -99,8 +103,8 @@ async def _requeue_stale(deps: Deps) -> int:
     async with deps.db.session() as session:
         rows = (
             await session.execute(
-                select(Job.id, Job.attempt)
-                .where(Job.status == "queued", Job.created_at < cutoff)  # type: ignore[arg-type]
+                select(col(Job.id), col(Job.attempt))
+                .where(col(Job.status) == "queued", col(Job.created_at) < cutoff)
                 .limit(BATCH)
             )
         ).all()

@@ -19,6 +19,7 @@ from typing import Any
 
 from arq.connections import ArqRedis
 from sqlalchemy import update
+from sqlmodel import col
 
 from billing.ledger import record_usage
 from bulkhead import queue, telemetry
@@ -94,7 +95,7 @@ async def _claim(db: Database, job_id: str, attempt: int) -> Job | None:
     async with db.session() as session:
         claimed = await session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == "queued", Job.attempt == attempt)  # type: ignore[arg-type]
+            .where(col(Job.id) == job_id, col(Job.status) == "queued", col(Job.attempt) == attempt)
             .values(status="running", started_at=now, heartbeat_at=now)
         )
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
@@ -143,7 +144,7 @@ async def _heartbeat(
         async with deps.db.session() as session:
             await session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.attempt == attempt)  # type: ignore[arg-type]
+                .where(col(Job.id) == job_id, col(Job.attempt) == attempt)
                 .values(heartbeat_at=utcnow())
             )
             job = await session.get(Job, job_id)
@@ -192,7 +193,7 @@ async def _finish(
     async with deps.db.session() as session:
         ended = await session.execute(
             update(Job)
-            .where(Job.id == job.id, Job.status == "running", Job.attempt == attempt)  # type: ignore[arg-type]
+            .where(col(Job.id) == job.id, col(Job.status) == "running", col(Job.attempt) == attempt)
             .values(**values)
         )
         if ended.rowcount != 1:  # type: ignore[attr-defined]

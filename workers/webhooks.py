@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 from sqlalchemy import func, select
+from sqlmodel import col
 from standardwebhooks.webhooks import Webhook
 from yarl import URL
 
@@ -136,7 +137,7 @@ async def deliver_webhook(ctx: dict[str, Any], event_id: str, attempt: int, manu
         key = await session.get(ApiKey, event.api_key_id)
         done = await session.scalar(
             select(func.count()).where(
-                WebhookAttempt.event_id == event_id, WebhookAttempt.slot == attempt
+                col(WebhookAttempt.event_id) == event_id, col(WebhookAttempt.slot) == attempt
             )
         )
     if key is None:
@@ -145,8 +146,10 @@ async def deliver_webhook(ctx: dict[str, Any], event_id: str, attempt: int, manu
         return "already_done"  # a repeated arq delivery of the same attempt
     body = json.dumps(event.payload, separators=(",", ":"))
     outcome = await sender.send(event.url, event.id, key.webhook_secret, body)
-    delay = None if manual or outcome.delivered or outcome.gone else next_delay(
-        deps.settings.webhook_schedule_s, attempt, outcome.retry_after_s
+    delay = (
+        None
+        if manual or outcome.delivered or outcome.gone
+        else next_delay(deps.settings.webhook_schedule_s, attempt, outcome.retry_after_s)
     )
     async with deps.db.session() as session:
         row = await session.get(WebhookEvent, event_id)

@@ -20,7 +20,8 @@ async def test_key_is_stored_hashed_and_authenticates(db: Database) -> None:
     found = await authenticate(db, created.secret)
     assert found is not None and found.id == created.key.id and found.plan == "pro"
     # same prefix, wrong rest
-    assert await authenticate(db, created.secret[:-1] + ("A" if created.secret[-1] != "A" else "B")) is None
+    wrong = created.secret[:-1] + ("A" if created.secret[-1] != "A" else "B")
+    assert await authenticate(db, wrong) is None
     assert await authenticate(db, "not-a-key") is None
 
 

@@ -37,8 +37,15 @@ class Up:
         return dict(json.loads((self.root / ".bulkhead" / "up.json").read_text()))
 
     def cli(self, *args: str) -> str:
-        out = subprocess.run([str(BIN), *args], env=self.env, cwd=self.root, check=True,
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [str(BIN), *args],
+            env=self.env,
+            cwd=self.root,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return out.stdout
 
 
@@ -47,15 +54,22 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     root = tmp_path_factory.mktemp("up")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BULKHEAD_")}
-    env.update({
-        "BULKHEAD_JOB_LEASE_S": "3",
-        "BULKHEAD_WEBHOOK_ALLOW_PRIVATE": "1",
-        "BULKHEAD_WEBHOOK_SCHEDULE": "0,1,2",
-        "BULKHEAD_LOG_LEVEL": "WARNING",
-    })
+    env.update(
+        {
+            "BULKHEAD_JOB_LEASE_S": "3",
+            "BULKHEAD_WEBHOOK_ALLOW_PRIVATE": "1",
+            "BULKHEAD_WEBHOOK_SCHEDULE": "0,1,2",
+            "BULKHEAD_LOG_LEVEL": "WARNING",
+        }
+    )
     log = open(root / "up.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([str(BIN), "up", "--port", str(port)], cwd=root, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(BIN), "up", "--port", str(port)],
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while not (root / ".bulkhead" / "up.json").exists():
@@ -100,15 +114,28 @@ async def test_first_run_prints_a_key(up: Up) -> None:
 
 
 async def test_python_and_bash_jobs(http: aiohttp.ClientSession, up: Up) -> None:
-    job = await run(http, up, {"language": "python", "code": "import sys\nprint(6*7)\n"
-                               "print('oops', file=sys.stderr)\nsys.exit(3)"})
+    job = await run(
+        http,
+        up,
+        {
+            "language": "python",
+            "code": "import sys\nprint(6*7)\nprint('oops', file=sys.stderr)\nsys.exit(3)",
+        },
+    )
     assert job["status"] == "completed", job
     assert (job["stdout"], job["stderr"], job["exit_code"]) == ("42\n", "oops\n", 3)
     assert job["termination_reason"] == "exit"
     assert job["usage"]["sandbox_seconds"] >= 1
-    job = await run(http, up, {"language": "bash", "code": "read x; echo \"got $x\"; cat data.txt",
-                               "stdin": "hello\n",
-                               "files": [{"path": "data.txt", "content": "from a file"}]})
+    job = await run(
+        http,
+        up,
+        {
+            "language": "bash",
+            "code": 'read x; echo "got $x"; cat data.txt',
+            "stdin": "hello\n",
+            "files": [{"path": "data.txt", "content": "from a file"}],
+        },
+    )
     assert job["stdout"] == "got hello\nfrom a file", job
     assert job["exit_code"] == 0
 
@@ -147,16 +174,18 @@ except OSError as e:
 
 
 async def test_fork_bomb_is_contained(http: aiohttp.ClientSession, up: Up) -> None:
-    job = await run(http, up, {"language": "bash", "code": "f(){ f|f& }; f; sleep 3; echo survived",
-                               "timeout_s": 5})
+    job = await run(
+        http,
+        up,
+        {"language": "bash", "code": "f(){ f|f& }; f; sleep 3; echo survived", "timeout_s": 5},
+    )
     assert job["status"] in ("completed", "timed_out", "failed"), job
     after = await run(http, up, {"language": "python", "code": "print('still fine')"})
     assert after["stdout"] == "still fine\n"
 
 
 async def test_cancel_a_running_job(http: aiohttp.ClientSession, up: Up) -> None:
-    job = await run(http, up, {"language": "python", "code": "import time; time.sleep(60)"},
-                    wait=0)
+    job = await run(http, up, {"language": "python", "code": "import time; time.sleep(60)"}, wait=0)
     for _ in range(100):
         async with http.get(f"{up.url}/v1/jobs/{job['id']}") as resp:
             if (await resp.json())["status"] == "running":
@@ -193,8 +222,9 @@ async def until(predicate: Any, timeout_s: float = 30) -> None:
         await asyncio.sleep(0.1)
 
 
-async def test_signed_webhook(http: aiohttp.ClientSession, up: Up, key: dict[str, Any],
-                              receiver: Any) -> None:
+async def test_signed_webhook(
+    http: aiohttp.ClientSession, up: Up, key: dict[str, Any], receiver: Any
+) -> None:
     got, hook = receiver
     job = await run(http, up, {"language": "python", "code": "print('hi')", "callback_url": hook})
     await until(lambda: len(got) >= 1)

@@ -17,8 +17,9 @@ from gateway.settings import GatewaySettings
 
 
 def make_settings(database_url: str, redis_url: str, **overrides: Any) -> GatewaySettings:
-    common = CommonSettings(database_url=database_url, redis_url=redis_url,
-                            queue_name="bulkhead:test")
+    common = CommonSettings(
+        database_url=database_url, redis_url=redis_url, queue_name="bulkhead:test"
+    )
     base = GatewaySettings.from_env({})
     return dataclasses.replace(base, common=common, admin_token="admin-secret", **overrides)
 

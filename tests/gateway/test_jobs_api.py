@@ -14,8 +14,9 @@ PY = {"language": "python", "code": "print(1)"}
 
 
 async def post_job(client: TestClient, key: Any, body: Any, **kw: Any) -> Any:
-    return await client.post("/v1/jobs", json=body, headers={**auth(key), **kw.pop("headers", {})},
-                             **kw)
+    return await client.post(
+        "/v1/jobs", json=body, headers={**auth(key), **kw.pop("headers", {})}, **kw
+    )
 
 
 async def test_create_job_is_queued_and_enqueued(
@@ -113,7 +114,8 @@ async def test_idempotency_key(client: TestClient, key_factory: Any, redis: Redi
     assert first.status == 202
     # same meaning, other key order and spacing → same job
     again = await client.post(
-        "/v1/jobs", data=b'{ "code": "print(1)",  "language": "python" }',
+        "/v1/jobs",
+        data=b'{ "code": "print(1)",  "language": "python" }',
         headers={**auth(key), **hdr},
     )
     assert again.status == 200
@@ -131,8 +133,12 @@ async def test_idempotency_key(client: TestClient, key_factory: Any, redis: Redi
 async def test_other_tenants_job_is_404(client: TestClient, key_factory: Any) -> None:
     owner, stranger = await key_factory("a"), await key_factory("b")
     job = await (await post_job(client, owner, PY)).json()
-    for method, path in (("GET", ""), ("DELETE", ""), ("GET", "/deliveries"),
-                         ("POST", "/redeliver")):
+    for method, path in (
+        ("GET", ""),
+        ("DELETE", ""),
+        ("GET", "/deliveries"),
+        ("POST", "/redeliver"),
+    ):
         resp = await client.request(method, f"/v1/jobs/{job['id']}{path}", headers=auth(stranger))
         assert resp.status == 404, (method, path)
         assert (await resp.json())["error"]["code"] == "not_found"

@@ -62,16 +62,26 @@ async def make_ctx(db: Database, redis: Redis, settings: WorkerSettings) -> dict
     sender = WebhookSender(settings.webhook_timeout_s, settings.webhook_allow_private)
     await sender.start()
     # the vmhost pool is not used by webhook delivery; it points nowhere on purpose
-    deps = Deps(settings=settings, db=db, redis=redis,
-                vmhosts=VmhostPool(["http://127.0.0.1:9"], "unused"))
+    deps = Deps(
+        settings=settings, db=db, redis=redis, vmhosts=VmhostPool(["http://127.0.0.1:9"], "unused")
+    )
     return {"deps": deps, "webhooks": sender}
 
 
 async def ended_job_event(db: Database, key: CreatedKey, url: str) -> WebhookEvent:
     async with db.session() as session:
-        job = Job(id=f"job_{time.time_ns():024x}"[:28], api_key_id=key.key.id, language="python",
-                  code="print(1)", callback_url=url, status="completed", exit_code=0,
-                  stdout="1\n", termination_reason="exit", finished_at=utcnow())
+        job = Job(
+            id=f"job_{time.time_ns():024x}"[:28],
+            api_key_id=key.key.id,
+            language="python",
+            code="print(1)",
+            callback_url=url,
+            status="completed",
+            exit_code=0,
+            stdout="1\n",
+            termination_reason="exit",
+            finished_at=utcnow(),
+        )
         session.add(job)
         await session.flush()
         event = await add_job_completed(session, job)
@@ -83,7 +93,8 @@ async def ended_job_event(db: Database, key: CreatedKey, url: str) -> WebhookEve
 async def attempts(db: Database, event_id: str) -> list[WebhookAttempt]:
     async with db.session() as session:
         rows = await session.execute(
-            select(WebhookAttempt).where(WebhookAttempt.event_id == event_id)
+            select(WebhookAttempt)
+            .where(WebhookAttempt.event_id == event_id)
             .order_by(WebhookAttempt.attempt)  # type: ignore[arg-type]
         )
         return list(rows.scalars())
@@ -121,12 +132,16 @@ async def test_failures_retry_on_schedule_and_410_stops(
 ) -> None:
     rec, url = receiver
     key = await create_key(db, "hooks")
-    settings = worker_settings(database_url, redis_url, webhook_allow_private=True,
-                               webhook_schedule_s=[0, 30, 60])
+    settings = worker_settings(
+        database_url, redis_url, webhook_allow_private=True, webhook_schedule_s=[0, 30, 60]
+    )
     ctx = await make_ctx(db, redis, settings)
     event = await ended_job_event(db, key, url)
-    rec.script = [web.Response(status=500), web.Response(status=302, headers={"Location": "/elsewhere"}),
-                  web.Response(status=410)]
+    rec.script = [
+        web.Response(status=500),
+        web.Response(status=302, headers={"Location": "/elsewhere"}),
+        web.Response(status=410),
+    ]
     await deliver_webhook(ctx, event.id, 1, False)
     due = await scheduled(redis)
     assert 25 < due[queue.webhook_job_id(event.id, 2)] < 35
@@ -148,8 +163,9 @@ async def test_retry_after_is_honoured(
 ) -> None:
     rec, url = receiver
     key = await create_key(db, "hooks")
-    settings = worker_settings(database_url, redis_url, webhook_allow_private=True,
-                               webhook_schedule_s=[0, 1])
+    settings = worker_settings(
+        database_url, redis_url, webhook_allow_private=True, webhook_schedule_s=[0, 1]
+    )
     ctx = await make_ctx(db, redis, settings)
     event = await ended_job_event(db, key, url)
     rec.script = [web.Response(status=429, headers={"Retry-After": "120"})]
