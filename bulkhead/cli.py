@@ -26,6 +26,8 @@ def _logging(name: str) -> None:
         stream=sys.stderr,
         format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    if level != "DEBUG":  # arq logs every job and cron run at INFO
+        logging.getLogger("arq").setLevel(logging.WARNING)
 
 
 def _env_with(**overrides: str | None) -> dict[str, str]:
