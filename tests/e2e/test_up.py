@@ -7,6 +7,7 @@ the whole module; keys are made with the real CLI.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
-from tests.conftest import free_port
+from tests.conftest import free_port, fresh_pg_database
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
 BIN = Path(sys.executable).parent / "bulkhead"
@@ -32,6 +33,7 @@ BIN = Path(sys.executable).parent / "bulkhead"
 class Up:
     def __init__(self, root: Path, proc: subprocess.Popen[bytes], url: str, env: dict[str, str]):
         self.root, self.proc, self.url, self.env = root, proc, url, env
+        self.on_sqlite = "BULKHEAD_DATABASE_URL" not in env
 
     def state(self) -> dict[str, Any]:
         return dict(json.loads((self.root / ".bulkhead" / "up.json").read_text()))
@@ -49,11 +51,18 @@ class Up:
         return out.stdout
 
 
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    root = tmp_path_factory.mktemp("up")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def up(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    """``bulkhead up`` on its default SQLite file, then on PostgreSQL."""
+    with contextlib.ExitStack() as stack:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BULKHEAD_")}
+        if request.param == "postgresql":
+            env["BULKHEAD_DATABASE_URL"] = stack.enter_context(fresh_pg_database())
+        yield from _run_up(tmp_path_factory.mktemp("up"), env)
+
+
+def _run_up(root: Path, env: dict[str, str]) -> Iterator[Up]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BULKHEAD_")}
     env.update(
         {
             "BULKHEAD_JOB_LEASE_S": "3",
@@ -153,7 +162,7 @@ async def test_timeout_kills_an_endless_loop(http: aiohttp.ClientSession, up: Up
 async def test_sandbox_cannot_see_the_database_or_reach_the_gateway(
     http: aiohttp.ClientSession, up: Up
 ) -> None:
-    db_file = up.root / ".bulkhead" / "bulkhead.db"
+    db_file = up.root / ".bulkhead" / ("bulkhead.db" if up.on_sqlite else "secrets.json")
     assert db_file.exists()
     port = int(up.url.rsplit(":", 1)[1])
     code = f"""
