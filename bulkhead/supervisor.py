@@ -146,20 +146,23 @@ class Supervisor:
         for child in self.children:
             self._spawn(child)
             if child.name == "valkey":
-                self._wait_redis()
+                self._wait_port(self.env["BULKHEAD_REDIS_URL"], "embedded Valkey")
                 self._migrate()
+            elif child.name == "vmhost":  # workers start once their vmhost answers
+                self._wait_port(self.env["BULKHEAD_VMHOST_URLS"], "vmhost")
 
-    def _wait_redis(self) -> None:
-        url = self.env["BULKHEAD_REDIS_URL"]
+    def _wait_port(self, url: str, what: str) -> None:
         port = int(url.rsplit(":", 1)[1].split("/")[0])
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                     return
             except OSError:
+                if any(c.proc is not None and c.proc.poll() is not None for c in self.children):
+                    raise RuntimeError(f"{what} exited during start-up; see the log above")
                 time.sleep(0.05)
-        raise RuntimeError("embedded Valkey did not start")
+        raise RuntimeError(f"{what} did not start listening on port {port}")
 
     def _migrate(self) -> None:
         from bulkhead.db import Database

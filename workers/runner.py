@@ -110,7 +110,7 @@ async def _execute(deps: Deps, job: Job, attempt: int) -> str:
     run_id = f"{job.id}-{attempt}"
     host: list[str] = []
     spec = run_spec(job, run_id, deps.settings.max_output_bytes)
-    run = asyncio.create_task(deps.vmhosts.run(spec, host.append))
+    run = asyncio.create_task(deps.vmhosts.run(spec, host.append, deps.settings.vmhost_retry_s))
     beat = asyncio.create_task(_heartbeat(deps, job.id, attempt, run, host, run_id))
     started = utcnow()
     outcome: dict[str, Any]

@@ -25,6 +25,7 @@ class WorkerSettings:
     common: CommonSettings
     vmhost_urls: list[str]
     vmhost_token: str
+    vmhost_retry_s: float  # how long a run waits for an unreachable vmhost
     max_jobs: int  # concurrent arq jobs per worker process
     job_lease_s: float  # a running job whose heartbeat is older than this is recovered
     max_attempts: int  # runs of one job before it fails with internal_error
@@ -53,6 +54,7 @@ class WorkerSettings:
             common=CommonSettings.from_env(env),
             vmhost_urls=env_list(env, "VMHOST_URLS", ["http://127.0.0.1:8700"]),
             vmhost_token=token,
+            vmhost_retry_s=env_float(env, "VMHOST_RETRY_S", 20.0),
             max_jobs=env_int(env, "WORKER_MAX_JOBS", 16),
             job_lease_s=env_float(env, "JOB_LEASE_S", 15.0),
             max_attempts=env_int(env, "JOB_MAX_ATTEMPTS", 3),

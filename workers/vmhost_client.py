@@ -6,6 +6,7 @@ connection is skipped for the next one. Dropping the stream kills the run on the
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import Callable
@@ -42,21 +43,30 @@ class VmhostPool:
         return self._session
 
     async def run(
-        self, spec: dict[str, Any], on_host: Callable[[str], None]
+        self, spec: dict[str, Any], on_host: Callable[[str], None], retry_for_s: float = 20.0
     ) -> tuple[str, dict[str, Any]]:
         """Run ``spec`` on a vmhost; returns (vmhost url, final result event).
 
         ``on_host`` is told which vmhost is being tried, so the caller can kill the run there.
+        While no vmhost answers (starting, restarting), tries again with backoff for
+        ``retry_for_s`` seconds before giving up with VmhostUnavailable.
         """
-        errors: list[str] = []
-        for _ in range(len(self.urls)):
-            url = self.urls[next(self._next)]
-            on_host(url)
-            try:
-                return url, await self._run_on(url, spec)
-            except VmhostUnavailable as exc:
-                errors.append(f"{url}: {exc.message}")
-        raise VmhostUnavailable("; ".join(errors))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + retry_for_s
+        delay = 0.1
+        while True:
+            errors: list[str] = []
+            for _ in range(len(self.urls)):
+                url = self.urls[next(self._next)]
+                on_host(url)
+                try:
+                    return url, await self._run_on(url, spec)
+                except VmhostUnavailable as exc:
+                    errors.append(f"{url}: {exc.message}")
+            if loop.time() + delay > deadline:
+                raise VmhostUnavailable("; ".join(errors))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _run_on(self, url: str, spec: dict[str, Any]) -> dict[str, Any]:
         headers = telemetry.inject()

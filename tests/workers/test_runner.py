@@ -146,7 +146,9 @@ async def test_unreachable_vmhost_fails_the_job_clearly(db: Database, deps: Deps
     job = await add_job(db, key, language="python", code="print(1)")
     pool = VmhostPool(["http://127.0.0.1:9"], TOKEN)
     await pool.start()
-    ctx = {"deps": dataclasses.replace(deps, vmhosts=pool)}
+    settings = dataclasses.replace(deps.settings, vmhost_retry_s=1.0)
+    ctx = {"deps": dataclasses.replace(deps, vmhosts=pool, settings=settings)}
+    # no vmhost ever answers on port 9: the worker retries for 1 s, then fails the job
     assert await run_job(ctx, job.id, 1, {}) == "failed"
     await pool.close()
     failed = await load(db, job.id)
