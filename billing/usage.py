@@ -77,7 +77,7 @@ def _finish(acc: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _rows(db: Database, key_id: str, period: Period) -> list[UsageRecord]:
-    async with db.session() as session:
+    async with db.read() as session:
         result = await session.execute(
             select(UsageRecord)
             .where(

@@ -28,30 +28,41 @@ SCHEMA_VERSION = 1
 
 
 class Database:
-    """An engine plus a session factory; one per process, passed down explicitly."""
+    """Engines plus session factories; one per process, passed down explicitly.
+
+    ``session()`` is for transactions that may write. ``read()`` is for read-only work; on
+    PostgreSQL both are the same. On SQLite, writers use one connection per process that
+    begins with ``BEGIN IMMEDIATE`` (so writers queue on the lock instead of failing to
+    upgrade a read lock, and writers within one process queue in asyncio rather than in
+    SQLite's sleeping busy handler), while readers use their own pool in autocommit mode
+    (WAL readers never wait for writers; use ``read()`` for single-statement reads).
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        kwargs: dict[str, Any] = {}
         if self.is_sqlite:
             path = url.split("///", 1)[1] if "///" in url else ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"timeout": 30}
+            self.engine = _sqlite_engine(url, pool_size=1, immediate=True)
+            self.read_engine = _sqlite_engine(url, pool_size=8, immediate=False)
         else:
-            kwargs["pool_size"] = 10
-            kwargs["max_overflow"] = 20
-            kwargs["pool_pre_ping"] = True
-        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
-        if self.is_sqlite:
-            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-            event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
+            self.engine = create_async_engine(
+                url, pool_size=10, max_overflow=20, pool_pre_ping=True
+            )
+            self.read_engine = self.engine
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.readers = async_sessionmaker(self.read_engine, expire_on_commit=False)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         async with self.sessions() as session:
+            yield session
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        async with self.readers() as session:
             yield session
 
     async def migrate(self) -> int:
@@ -86,6 +97,25 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self.read_engine is not self.engine:
+            await self.read_engine.dispose()
+
+
+def _sqlite_engine(url: str, pool_size: int, immediate: bool) -> AsyncEngine:
+    # Every statement is a round trip to aiosqlite's thread, so skip the ones we don't need:
+    # readers run in autocommit (a WAL read is consistent per statement and needs no BEGIN),
+    # and no pooled connection needs a reset ROLLBACK because sessions always end theirs.
+    engine = create_async_engine(
+        url,
+        connect_args={"timeout": 30},
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_reset_on_return=None,
+    )
+    event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    if immediate:
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
+    return engine
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

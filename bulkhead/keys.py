@@ -64,7 +64,7 @@ async def create_key(db: Database, name: str, plan: str = "free") -> CreatedKey:
 
 
 async def list_keys(db: Database) -> list[ApiKey]:
-    async with db.session() as session:
+    async with db.read() as session:
         rows = await session.execute(select(ApiKey).order_by(col(ApiKey.created_at)))
         return list(rows.scalars())
 
@@ -84,7 +84,7 @@ async def authenticate(db: Database, secret: str) -> ApiKey | None:
     """The live key for this secret, or None (unknown, malformed or revoked)."""
     if not secret.startswith(KEY_PREFIX) or len(secret) < PREFIX_LEN + 8 or len(secret) > 200:
         return None
-    async with db.session() as session:
+    async with db.read() as session:
         row = (
             await session.execute(select(ApiKey).where(col(ApiKey.prefix) == secret[:PREFIX_LEN]))
         ).scalar_one_or_none()

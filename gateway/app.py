@@ -45,7 +45,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = HTTP_CODES.get(exc.status, "http_error")
         body = {"error": {"code": code, "message": exc.reason}}
         return web.json_response(body, status=exc.status)
-    except (asyncio.CancelledError, ConnectionResetError):
+    except ConnectionResetError:  # the client went away mid-request; nobody reads this
+        body = {"error": {"code": "client_disconnected", "message": "connection lost"}}
+        return web.json_response(body, status=400)
+    except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)

@@ -113,7 +113,7 @@ class JobService:
         return job, True
 
     async def _by_idempotency_key(self, key_id: str, idem: str, request_hash: str) -> Job | None:
-        async with self.db.session() as session:
+        async with self.db.read() as session:
             found = (
                 await session.execute(
                     select(Job).where(
@@ -129,7 +129,7 @@ class JobService:
         return found
 
     async def get(self, key: ApiKey, job_id: str) -> Job:
-        async with self.db.session() as session:
+        async with self.db.read() as session:
             job = await session.get(Job, job_id)
         if job is None or job.api_key_id != key.id:
             raise NotFound(f"no job {job_id}")
@@ -143,7 +143,7 @@ class JobService:
         return await self.get(key, job.id)
 
     async def _is_done(self, job_id: str) -> bool:
-        async with self.db.session() as session:
+        async with self.db.read() as session:
             status = (
                 await session.execute(select(col(Job.status)).where(col(Job.id) == job_id))
             ).scalar()
@@ -156,7 +156,7 @@ class JobService:
         if cursor is not None:
             query = query.where(col(Job.id) < cursor)
         query = query.order_by(col(Job.id).desc()).limit(limit + 1)
-        async with self.db.session() as session:
+        async with self.db.read() as session:
             rows = list((await session.execute(query)).scalars())
         more = len(rows) > limit
         rows = rows[:limit]
@@ -195,7 +195,7 @@ class JobService:
 
     async def deliveries(self, key: ApiKey, job_id: str) -> list[dict[str, Any]]:
         await self.get(key, job_id)
-        async with self.db.session() as session:
+        async with self.db.read() as session:
             rows = await session.execute(
                 select(WebhookAttempt)
                 .where(col(WebhookAttempt.subject_id) == job_id)
@@ -205,7 +205,7 @@ class JobService:
 
     async def redeliver(self, key: ApiKey, job_id: str) -> WebhookEvent:
         job = await self.get(key, job_id)
-        async with self.db.session() as session:
+        async with self.db.read() as session:
             event = (
                 await session.execute(
                     select(WebhookEvent).where(col(WebhookEvent.subject_id) == job.id)
@@ -219,7 +219,7 @@ class JobService:
         return event
 
     async def counts_by_status(self) -> dict[str, int]:
-        async with self.db.session() as session:
+        async with self.db.read() as session:
             rows = await session.execute(
                 select(col(Job.status), func.count()).group_by(col(Job.status))
             )

@@ -37,7 +37,7 @@ async def reconcile_jobs(ctx: dict[str, Any]) -> dict[str, int]:
 async def _recover_lost_runs(deps: Deps) -> int:
     now = utcnow()
     cutoff = now - timedelta(seconds=deps.settings.job_lease_s)
-    async with deps.db.session() as session:
+    async with deps.db.read() as session:
         stale = list(
             (
                 await session.execute(
@@ -100,7 +100,7 @@ async def _fail(deps: Deps, job_id: str, attempt: int) -> None:
 
 async def _requeue_stale(deps: Deps) -> int:
     cutoff = utcnow() - timedelta(seconds=deps.settings.requeue_after_s)
-    async with deps.db.session() as session:
+    async with deps.db.read() as session:
         rows = (
             await session.execute(
                 select(col(Job.id), col(Job.attempt))

@@ -130,7 +130,7 @@ def next_delay(schedule: list[float], attempt: int, retry_after: float | None) -
 async def deliver_webhook(ctx: dict[str, Any], event_id: str, attempt: int, manual: bool) -> str:
     deps: Deps = ctx["deps"]
     sender: WebhookSender = ctx["webhooks"]
-    async with deps.db.session() as session:
+    async with deps.db.read() as session:
         event = await session.get(WebhookEvent, event_id)
         if event is None:
             return "missing"
