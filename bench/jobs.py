@@ -232,9 +232,13 @@ async def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="round trips")
     parser.add_argument("--burst", type=int, default=200, help="jobs in the throughput burst")
     parser.add_argument("--seconds", type=int, default=10, help="wrk duration")
+    parser.add_argument(
+        "--parts", default="roundtrip,throughput,admission", help="comma list of parts to run"
+    )
     args = parser.parse_args()
     if shutil.which("bwrap") is None or shutil.which("wrk") is None:
         raise SystemExit("needs bwrap and wrk (apt-get install bubblewrap wrk)")
+    parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory(prefix="bulkhead-bench-") as tmp:
         root = Path(tmp)
         port = free_port()
@@ -243,27 +247,29 @@ async def main() -> None:
             key = make_key(root)
             url = f"http://127.0.0.1:{port}"
             await round_trips(url, key, 5)  # warm up
-            bare = [await bare_run() for _ in range(args.n)]
-            jobs = await round_trips(url, key, args.n)
-            print(f"bare bwrap python3 print(1): {summary(bare)}")
-            print(f"job round trip (?wait):      {summary(jobs)}")
-            print(
-                f"  ratio p50 {pct(jobs, 50) / pct(bare, 50):.2f}x (target <= 4x), "
-                f"p99 {pct(jobs, 99) / pct(bare, 99):.2f}x vs bare p99, "
-                f"{pct(jobs, 99) / pct(bare, 50):.2f}x vs bare p50 (target <= 10x)"
-            )
-            parallel = os.cpu_count() or 2
-            bare_rate = await bare_burst(args.burst, parallel)
-            job_rate = await burst(url, key, args.burst)
-            print(
-                f"throughput: jobs {job_rate:.1f}/s, bare bwrap {bare_rate:.1f}/s "
-                f"(parallel {parallel}): {100 * job_rate / bare_rate:.0f} % (target >= 60 %)"
-            )
-            admitted, floor = admission(root, key, args.seconds)
-            print(
-                f"admission: POST /v1/jobs {admitted:.0f} req/s, aiohttp hello-world "
-                f"{floor:.0f} req/s: {100 * admitted / floor:.1f} % (target >= 20 %)"
-            )
+            if "roundtrip" in parts:
+                bare = [await bare_run() for _ in range(args.n)]
+                jobs = await round_trips(url, key, args.n)
+                print(f"bare bwrap python3 print(1): {summary(bare)}")
+                print(f"job round trip (?wait):      {summary(jobs)}")
+                print(
+                    f"  ratio p50 {pct(jobs, 50) / pct(bare, 50):.2f}x (target <= 4x), "
+                    f"p99 {pct(jobs, 99) / pct(bare, 50):.2f}x of bare p50 (target <= 10x)"
+                )
+            if "throughput" in parts:
+                parallel = os.cpu_count() or 2
+                bare_rate = await bare_burst(args.burst, parallel)
+                job_rate = await burst(url, key, args.burst)
+                print(
+                    f"throughput: jobs {job_rate:.1f}/s, bare bwrap {bare_rate:.1f}/s "
+                    f"(parallel {parallel}): {100 * job_rate / bare_rate:.0f} % (target >= 60 %)"
+                )
+            if "admission" in parts:
+                admitted, floor = admission(root, key, args.seconds)
+                print(
+                    f"admission: POST /v1/jobs {admitted:.0f} req/s, aiohttp hello-world "
+                    f"{floor:.0f} req/s: {100 * admitted / floor:.1f} % (target >= 20 %)"
+                )
         finally:
             up.send_signal(signal.SIGTERM)
             up.wait(timeout=60)

@@ -14,10 +14,11 @@ from opentelemetry import trace
 from bulkhead import telemetry
 from bulkhead.db import Database
 from bulkhead.errors import BulkheadError, TooLarge
-from bulkhead.keys import authenticate
 from gateway import errors, routes
-from gateway.context import DB, JOBS, KEY, REDIS, SETTINGS
+from gateway.batcher import JobBatcher
+from gateway.context import DB, JOBS, KEY, KEYS, REDIS, SETTINGS
 from gateway.jobs import JobService
+from gateway.keycache import KeyCache
 from gateway.settings import GatewaySettings
 from gateway.waiter import JobWaiter
 
@@ -83,7 +84,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     secret = _bearer(request) or request.headers.get("X-API-Key")
     if not secret:
         raise errors.Unauthorized("missing API key: send 'Authorization: Bearer bk_…'")
-    key = await authenticate(request.app[DB], secret.strip())
+    key = await request.app[KEYS].authenticate(secret.strip())
     if key is None:
         raise errors.Unauthorized("invalid or revoked API key")
     request[KEY] = key
@@ -118,10 +119,17 @@ async def _resources(app: web.Application):  # type: ignore[no-untyped-def]
     )
     waiter = JobWaiter(redis)
     await waiter.start()
+    keycache = KeyCache(db, redis)
+    await keycache.start()
+    app[KEYS] = keycache
     app[DB] = db
     app[REDIS] = redis
-    app[JOBS] = JobService(settings, db, redis, waiter)
+    batcher = JobBatcher(db)
+    await batcher.start()
+    app[JOBS] = JobService(settings, db, redis, waiter, batcher)
     yield
+    await batcher.close()
+    await keycache.close()
     await waiter.close()
     await redis.aclose()
     await db.close()

@@ -8,6 +8,7 @@ from arq.connections import ArqRedis
 from bulkhead.db import Database
 from bulkhead.models import ApiKey
 from gateway.jobs import JobService
+from gateway.keycache import KeyCache
 from gateway.settings import GatewaySettings
 
 SETTINGS = web.AppKey("settings", GatewaySettings)
@@ -15,3 +16,4 @@ DB = web.AppKey("db", Database)
 REDIS = web.AppKey("redis", ArqRedis)
 JOBS = web.AppKey("jobs", JobService)
 KEY = web.RequestKey("api_key", ApiKey)
+KEYS = web.AppKey("keys", KeyCache)

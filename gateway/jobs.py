@@ -21,6 +21,7 @@ from bulkhead.errors import Conflict, InvalidInput, NotFound, TooLarge
 from bulkhead.events import add_job_completed
 from bulkhead.ids import new_id
 from bulkhead.models import TERMINAL_STATUSES, ApiKey, Job, WebhookAttempt, WebhookEvent, utcnow
+from gateway.batcher import JobBatcher
 from gateway.schemas import JobCreate
 from gateway.settings import GatewaySettings
 from gateway.waiter import JobWaiter
@@ -47,8 +48,14 @@ class Page:
 
 class JobService:
     def __init__(
-        self, settings: GatewaySettings, db: Database, redis: ArqRedis, waiter: JobWaiter
+        self,
+        settings: GatewaySettings,
+        db: Database,
+        redis: ArqRedis,
+        waiter: JobWaiter,
+        batcher: JobBatcher,
     ) -> None:
+        self.batcher = batcher
         self.settings = settings
         self.db = db
         self.redis = redis
@@ -94,9 +101,7 @@ class JobService:
             attempt=1,
         )
         try:
-            async with self.db.session() as session:
-                session.add(job)
-                await session.commit()
+            await self.batcher.insert(job)
         except IntegrityError:
             if idempotency_key is None:
                 raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -219,3 +220,20 @@ async def test_usage_and_account_shape(client: TestClient, key_factory: Any) -> 
     assert bad.status == 422
     account = await (await client.get("/v1/account", headers=auth(key))).json()
     assert account["plan"] == "free" and account["quota"]["remaining_hours"] == 100.0
+
+
+async def test_concurrent_admissions_share_batches_safely(
+    client: TestClient, key_factory: Any, redis: Redis
+) -> None:
+    """Group commit: a racing Idempotency-Key in a batch fails only its own request."""
+    key = await key_factory()
+    same = [post_job(client, key, PY, headers={"Idempotency-Key": "race"}) for _ in range(10)]
+    others = [post_job(client, key, {**PY, "code": f"print({i})"}) for i in range(20)]
+    responses = await asyncio.gather(*same, *others)
+    bodies = [await r.json() for r in responses]
+    raced = {b["id"] for b in bodies[:10]}
+    assert len(raced) == 1, bodies[:10]
+    assert sorted(r.status for r in responses[:10]) == [200] * 9 + [202]
+    assert all(r.status == 202 for r in responses[10:])
+    assert len({b["id"] for b in bodies[10:]}) == 20
+    assert await redis.zcard("bulkhead:test") == 21
