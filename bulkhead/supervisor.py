@@ -9,6 +9,7 @@ The child pids and addresses are written to ``<data dir>/up.json`` for operators
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -36,6 +37,15 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started: float = field(default=0.0)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if ``bulkhead up`` itself is killed (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port() -> int:
@@ -138,7 +148,9 @@ class Supervisor:
         return [sys.executable, "-m", "bulkhead.cli", *args]
 
     def _spawn(self, child: Child) -> None:
-        child.proc = subprocess.Popen(child.argv, env=self.env, start_new_session=True)
+        child.proc = subprocess.Popen(
+            child.argv, env=self.env, start_new_session=True, preexec_fn=_die_with_parent
+        )
         child.started = time.monotonic()
         log.info("started %s (pid %s)", child.name, child.proc.pid)
 
@@ -160,7 +172,7 @@ class Supervisor:
                     return
             except OSError:
                 if any(c.proc is not None and c.proc.poll() is not None for c in self.children):
-                    raise RuntimeError(f"{what} exited during start-up; see the log above")
+                    raise RuntimeError(f"{what} exited during start-up; see the log") from None
                 time.sleep(0.05)
         raise RuntimeError(f"{what} did not start listening on port {port}")
 
