@@ -59,10 +59,15 @@ def cmd_worker(_args: argparse.Namespace) -> int:
 
 def cmd_vmhost(args: argparse.Namespace) -> int:
     from vmhost.app import run
+    from vmhost.errors import ConfigError
     from vmhost.settings import VmhostSettings
 
     _logging("vmhost")
-    settings = VmhostSettings.from_env()
+    try:
+        settings = VmhostSettings.from_env()
+    except ConfigError as exc:
+        print(f"bulkhead vmhost: configuration error: {exc}", file=sys.stderr)
+        return 2
     run(settings, args.host or "127.0.0.1", args.port if args.port is not None else 8700)
     return 0
 
@@ -115,11 +120,39 @@ def cmd_keys(args: argparse.Namespace) -> int:
             else:
                 row = await keys.revoke_key(db, args.key_id)
                 print(f"revoked {row.id}")
+                await _announce(row.id)
             return 0
         finally:
             await db.close()
 
     return asyncio.run(go())
+
+
+async def _announce(key_id: str) -> None:
+    """Make running gateways drop a revoked key from their caches now."""
+    from redis.asyncio import Redis
+
+    from bulkhead.keys import announce_revocation
+    from bulkhead.settings import data_dir, env_opt
+
+    url = env_opt(os.environ, "REDIS_URL")
+    state = data_dir(os.environ) / "up.json"
+    if url is None and state.exists():
+        url = json.loads(state.read_text()).get("redis_url")
+    warning = (
+        "warning: could not tell running gateways (no BULKHEAD_REDIS_URL and no running "
+        "`bulkhead up` here); they refuse the key within 30 s"
+    )
+    if url is None:
+        print(warning, file=sys.stderr)
+        return
+    redis = Redis.from_url(url)
+    try:
+        await announce_revocation(redis, key_id)
+    except OSError:
+        print(warning, file=sys.stderr)
+    finally:
+        await redis.aclose()
 
 
 def parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
+from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlmodel import col
 
@@ -21,6 +22,7 @@ from bulkhead.ids import new_id
 from bulkhead.models import ApiKey, utcnow
 
 KEY_PREFIX = "bk_"
+REVOKED_CHANNEL = "bulkhead:key-revoked"  # gateways evict cached keys on this message
 PREFIX_LEN = 12
 PLANS = ("free", "pro")
 
@@ -78,6 +80,11 @@ async def revoke_key(db: Database, key_id: str) -> ApiKey:
             row.revoked_at = utcnow()
             await session.commit()
         return row
+
+
+async def announce_revocation(redis: Redis, key_id: str) -> int:
+    """Tell every gateway to drop the key from its cache; returns how many listened."""
+    return int(await redis.publish(REVOKED_CHANNEL, key_id))
 
 
 async def authenticate(db: Database, secret: str) -> ApiKey | None:

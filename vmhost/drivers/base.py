@@ -1,0 +1,181 @@
+"""The driver interface every sandbox backend implements, and the run data it works on."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from vmhost.errors import RunError
+
+LANGUAGES = ("python", "bash", "javascript")
+TERMINATION_REASONS = ("exit", "timeout", "oom", "output_limit", "canceled", "internal_error")
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    path: str  # relative to the sandbox home (/home/user), already normalized
+    content: bytes
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    run_id: str
+    language: str | None
+    code: str | None
+    command: tuple[str, ...] | None
+    stdin: bytes | None
+    env: dict[str, str]
+    files: tuple[FileSpec, ...]
+    timeout_s: float
+    vcpus: int
+    memory_mb: int
+    network: bool
+    template: str
+    max_output_bytes: int
+
+
+@dataclass(frozen=True)
+class Probe:
+    available: bool
+    reason: str | None = None
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    driver: str
+    started_at: datetime
+    finished_at: datetime
+    duration_ms: int
+    termination_reason: str
+    exit_code: int | None = None
+    signal: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    error: dict[str, str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "result",
+            "run_id": self.run_id,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "stdout_truncated": self.stdout_truncated,
+            "stderr_truncated": self.stderr_truncated,
+            "termination_reason": self.termination_reason,
+            "error": self.error,
+            "started_at": isoformat(self.started_at),
+            "finished_at": isoformat(self.finished_at),
+            "duration_ms": self.duration_ms,
+            "driver": self.driver,
+        }
+
+
+@dataclass
+class Outcome:
+    """What a driver's execution produced; the base class adds timing and identity."""
+
+    termination_reason: str
+    exit_code: int | None = None
+    signal: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    error: dict[str, str] | None = field(default=None)
+
+
+class RunSink(Protocol):
+    """Receives a run's events as they happen (the HTTP layer streams them)."""
+
+    async def started(self, started_at: datetime) -> None: ...
+
+    async def output(self, stream: str, text: str) -> None: ...
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def isoformat(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Driver(ABC):
+    """A sandbox backend. Subclasses implement ``probe``, ``languages`` and ``execute``."""
+
+    name: str = "abstract"
+    cgroups: str = "none"
+
+    def __init__(self) -> None:
+        self._cancels: dict[str, asyncio.Event] = {}
+
+    @abstractmethod
+    def probe(self) -> Probe:
+        """Whether this backend can run sandboxes on this machine (checked once)."""
+
+    @abstractmethod
+    def languages(self) -> dict[str, bool]:
+        """Which of LANGUAGES have an interpreter available."""
+
+    @abstractmethod
+    async def execute(self, spec: RunSpec, sink: RunSink, cancel: asyncio.Event) -> Outcome:
+        """Run one job to its end. Must kill and clean up everything it started on every
+        path, including cancellation of the calling task. Raises RunError for runs that
+        cannot be carried out."""
+
+    async def close(self) -> None:
+        """Kill every active run and release what the driver holds."""
+        for event in self._cancels.values():
+            event.set()
+
+    @property
+    def active_runs(self) -> int:
+        return len(self._cancels)
+
+    def kill(self, run_id: str) -> bool:
+        """Cancel an active run; its result reports termination_reason "canceled"."""
+        event = self._cancels.get(run_id)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    async def run(
+        self, spec: RunSpec, sink: RunSink, cancel: asyncio.Event | None = None
+    ) -> RunResult:
+        cancel = cancel if cancel is not None else asyncio.Event()
+        self._cancels[spec.run_id] = cancel
+        started_at = utcnow()
+        clock = time.monotonic()
+        try:
+            await sink.started(started_at)
+            try:
+                outcome = await self.execute(spec, sink, cancel)
+            except RunError as exc:
+                outcome = Outcome(termination_reason="internal_error", error=exc.to_dict())
+        finally:
+            self._cancels.pop(spec.run_id, None)
+        return RunResult(
+            run_id=spec.run_id,
+            driver=self.name,
+            started_at=started_at,
+            finished_at=utcnow(),
+            duration_ms=int((time.monotonic() - clock) * 1000),
+            termination_reason=outcome.termination_reason,
+            exit_code=outcome.exit_code,
+            signal=outcome.signal,
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            stdout_truncated=outcome.stdout_truncated,
+            stderr_truncated=outcome.stderr_truncated,
+            error=outcome.error,
+        )

@@ -1,0 +1,354 @@
+"""The bwrap driver: Linux namespaces (bubblewrap) + cgroups + rlimits, guest agent over pipes.
+
+The sandbox sees read-only system directories, a generated /etc, /proc, a minimal /dev, a
+tmpfs /tmp, the guest agent (read-only) and a private writable /home/user. It has its own
+pid/ipc/uts/user/mount/net/cgroup namespaces (network only through slirp4netns when asked
+for), runs as the unprivileged sandbox uid, and is killed with its whole process tree on
+every path out of ``execute``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import resource
+import secrets
+import shutil
+import signal
+import subprocess
+from typing import Any
+
+from vmhost.drivers.base import Driver, Outcome, Probe, RunSink, RunSpec
+from vmhost.drivers.capture import OutputCapture
+from vmhost.drivers.cgroups import Cgroups, RunCgroup
+from vmhost.drivers.layout import GUEST_MOUNT, HOME, RunDir, SandboxLayout
+from vmhost.drivers.network import SlirpNetwork
+from vmhost.drivers.sandbox_process import Credentials, SandboxProcess
+from vmhost.errors import LanguageUnavailable, ProtocolError, RunError, SandboxError
+from vmhost.guest.channel import GuestChannel
+from vmhost.guest.protocol import b64decode, b64encode
+from vmhost.settings import VmhostSettings
+
+log = logging.getLogger("vmhost.bwrap")
+
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+BASE_ENV = {
+    "PATH": SANDBOX_PATH,
+    "HOME": HOME,
+    "USER": "user",
+    "LOGNAME": "user",
+    "LANG": "C.UTF-8",
+    "TMPDIR": "/tmp",
+    "PYTHONUNBUFFERED": "1",
+}
+SOURCES = {"python": "main.py", "bash": "main.sh", "javascript": "main.js"}
+INLINE_STDIN = 1024 * 1024
+STDIN_CHUNK = 1024 * 1024
+
+
+def _interpreter(candidates: list[str]) -> str | None:
+    """The first candidate that is executable and resolves inside the mounted system dirs."""
+    for candidate in candidates:
+        path = shutil.which(candidate) if "/" not in candidate else candidate
+        if path and os.access(path, os.X_OK):
+            real = os.path.realpath(path)
+            if any(real == d or real.startswith(d + "/") for d in SYSTEM_DIRS):
+                return real
+    return None
+
+
+class BwrapDriver(Driver):
+    name = "bwrap"
+
+    def __init__(self, settings: VmhostSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.creds = Credentials(settings.sandbox_uid, settings.sandbox_gid)
+        self.bwrap = _interpreter(["/usr/bin/bwrap", "bwrap"])
+        self.python = _interpreter([settings.python_path or "/usr/bin/python3"])
+        self.node = _interpreter([settings.node_path or "/usr/bin/node", "node", "nodejs"])
+        self.bash = _interpreter(["/bin/bash", "/usr/bin/bash"])
+        self.network = SlirpNetwork()
+        self.layout: SandboxLayout | None = None
+        self.cgroup_setup: Cgroups | None = None
+        self._prefix: list[str] = []
+        self._probe = self._check()
+
+    # --- startup -------------------------------------------------------------
+    def _check(self) -> Probe:
+        if self.bwrap is None:
+            return Probe(False, "bubblewrap (bwrap) is not installed (apt-get install bubblewrap)")
+        if self.python is None:
+            return Probe(False, "the guest agent needs /usr/bin/python3 on the host")
+        if os.geteuid() != 0 and os.geteuid() != self.creds.uid:
+            return Probe(
+                False, f"the vmhost must run as root to run sandboxes as uid {self.creds.uid}"
+            )
+        self.layout = SandboxLayout(self.settings.work_dir, self.creds.uid, self.creds.gid)
+        self._prefix = self._static_args(self.layout)
+        trial = subprocess.run(
+            [*self._prefix, "--ro-bind", str(self.layout.etc), "/etc", "/bin/true"],
+            capture_output=True,
+            preexec_fn=self.creds.drop,
+            cwd=str(self.layout.instance),
+            timeout=30,
+            check=False,
+        )
+        if trial.returncode != 0:
+            self.layout.close()
+            self.layout = None
+            reason = trial.stderr.decode(errors="replace").strip()
+            return Probe(False, f"bwrap cannot create a sandbox here: {reason}")
+        self.cgroup_setup = Cgroups()
+        self.cgroups = self.cgroup_setup.mode
+        self.cgroup_setup.remove_stale()
+        return Probe(True, None)
+
+    def _static_args(self, layout: SandboxLayout) -> list[str]:
+        assert self.bwrap is not None
+        args = [
+            self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns",
+            "--die-with-parent", "--new-session", "--hostname", "sandbox",
+        ]  # fmt: skip
+        for directory in SYSTEM_DIRS:
+            if os.path.islink(directory):
+                args += ["--symlink", os.readlink(directory), directory]
+            elif os.path.isdir(directory):
+                args += ["--ro-bind", directory, directory]
+        args += ["--proc", "/proc", "--dev", "/dev", "--ro-bind", str(layout.guest), GUEST_MOUNT]
+        return args
+
+    def probe(self) -> Probe:
+        return self._probe
+
+    def languages(self) -> dict[str, bool]:
+        return {
+            "python": self.python is not None,
+            "bash": self.bash is not None,
+            "javascript": self.node is not None,
+        }
+
+    async def close(self) -> None:
+        await super().close()
+        if self.layout is not None:
+            self.layout.close()
+
+    # --- one run -------------------------------------------------------------
+    def _command(self, spec: RunSpec) -> tuple[list[str], dict[str, bytes]]:
+        if spec.command is not None:
+            return list(spec.command), {}
+        interpreters = {"python": self.python, "bash": self.bash, "javascript": self.node}
+        language = spec.language or ""
+        interpreter = interpreters.get(language)
+        if interpreter is None:
+            raise LanguageUnavailable(f"no interpreter for {language!r} on this vmhost")
+        source = SOURCES[language]
+        return [interpreter, source], {source: (spec.code or "").encode()}
+
+    def _rlimits(self, spec: RunSpec) -> list[tuple[int, int, int]]:
+        cpu = math.ceil(spec.timeout_s * spec.vcpus) + 1
+        nproc = self.settings.pids_max * self.settings.max_runs + 64
+        return [
+            (resource.RLIMIT_CPU, cpu, cpu + 1),
+            (resource.RLIMIT_FSIZE, self.settings.max_file_bytes, self.settings.max_file_bytes),
+            (resource.RLIMIT_NOFILE, self.settings.nofile, self.settings.nofile),
+            (resource.RLIMIT_NPROC, nproc, nproc),
+            (resource.RLIMIT_CORE, 0, 0),
+        ]
+
+    def _args(self, spec: RunSpec, layout: SandboxLayout, run_dir: RunDir) -> list[str]:
+        assert self.python is not None
+        etc = layout.etc_net if spec.network else layout.etc
+        tmp_bytes = min(self.settings.tmp_size_mb, spec.memory_mb) * 1024 * 1024
+        return [
+            *self._prefix,
+            "--ro-bind", str(etc), "/etc",
+            "--size", str(tmp_bytes), "--perms", "1777", "--tmpfs", "/tmp",
+            "--bind", str(run_dir.home), HOME, "--chdir", HOME,
+            self.python, "-I", "-S", "-B", f"{GUEST_MOUNT}/agent.py",
+        ]  # fmt: skip
+
+    async def execute(self, spec: RunSpec, sink: RunSink, cancel: asyncio.Event) -> Outcome:
+        if self.layout is None:
+            raise SandboxError(f"the bwrap driver is unavailable: {self._probe.reason}")
+        layout = self.layout
+        argv, sources = self._command(spec)
+        if spec.network:
+            self.network.require()
+        env = {**BASE_ENV, **spec.env}
+        run_dir = layout.create_run_dir(spec.files, sources)
+        cgroup: RunCgroup | None = None
+        sandbox: SandboxProcess | None = None
+        try:
+            if self.cgroup_setup is not None:
+                try:
+                    cgroup = self.cgroup_setup.create(
+                        secrets.token_hex(8), spec.memory_mb, self.settings.pids_max, spec.vcpus
+                    )
+                except OSError as exc:
+                    raise SandboxError(f"cannot create the run's cgroup: {exc}") from exc
+            sandbox = SandboxProcess(cgroup, self.creds)
+            return await self._supervise(spec, sink, cancel, sandbox, run_dir, argv, env)
+        finally:
+            cleanup = asyncio.ensure_future(self._cleanup(sandbox, cgroup, run_dir))
+            try:
+                await asyncio.shield(cleanup)
+            except asyncio.CancelledError:
+                await asyncio.shield(cleanup)  # the task is being cancelled twice: finish first
+                raise
+
+    async def _cleanup(
+        self, sandbox: SandboxProcess | None, cgroup: RunCgroup | None, run_dir: RunDir
+    ) -> None:
+        try:
+            if sandbox is not None:
+                await sandbox.cleanup()
+            elif cgroup is not None:
+                await cgroup.remove()
+        finally:
+            await asyncio.to_thread(SandboxLayout.remove_run_dir, run_dir)
+
+    async def _supervise(
+        self,
+        spec: RunSpec,
+        sink: RunSink,
+        cancel: asyncio.Event,
+        sandbox: SandboxProcess,
+        run_dir: RunDir,
+        argv: list[str],
+        env: dict[str, str],
+    ) -> Outcome:
+        assert self.layout is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + spec.timeout_s
+        capture = OutputCapture(spec.max_output_bytes)
+        canceled = asyncio.ensure_future(cancel.wait())
+        conversation = asyncio.ensure_future(
+            self._converse(spec, sink, sandbox, run_dir, argv, env, capture)
+        )
+        try:
+            done, _ = await asyncio.wait(
+                {conversation, canceled},
+                timeout=max(deadline - loop.time(), 0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            canceled.cancel()
+            if not conversation.done():
+                sandbox.kill()
+                conversation.cancel()
+                await asyncio.gather(conversation, return_exceptions=True)
+        outcome = Outcome(termination_reason="exit")
+        if conversation in done:
+            try:
+                frame = conversation.result()
+            except ProtocolError as exc:
+                sandbox.kill()
+                outcome = self._failed(exc, sandbox)
+            else:
+                sandbox.kill()
+                outcome.exit_code, outcome.signal = frame["exit_code"], frame["signal"]
+                outcome.termination_reason = self._reason(frame["signal"], sandbox.cgroup)
+        else:
+            outcome.termination_reason = "canceled" if canceled in done else "timeout"
+            if outcome.termination_reason == "timeout" and sandbox.cgroup is not None:
+                outcome.termination_reason = "oom" if sandbox.cgroup.oom_killed() else "timeout"
+        outcome.stdout, outcome.stderr = capture.stdout.text(), capture.stderr.text()
+        outcome.stdout_truncated = capture.stdout.truncated
+        outcome.stderr_truncated = capture.stderr.truncated
+        return outcome
+
+    @staticmethod
+    def _reason(signum: int | None, cgroup: RunCgroup | None) -> str:
+        if signum == signal.SIGXFSZ:
+            return "output_limit"
+        if signum == signal.SIGXCPU:
+            return "timeout"
+        if cgroup is not None and cgroup.oom_killed():
+            return "oom"
+        return "exit"
+
+    @staticmethod
+    def _failed(exc: ProtocolError, sandbox: SandboxProcess) -> Outcome:
+        if sandbox.cgroup is not None and sandbox.cgroup.oom_killed():
+            return Outcome(termination_reason="oom")
+        message = exc.message
+        detail = sandbox.stderr_text()
+        if detail:
+            message = f"{message} (sandbox stderr: {detail[:2000]})"
+        log.warning("run failed: %s", message)
+        error = RunError(message, exc.code).to_dict()
+        return Outcome(termination_reason="internal_error", error=error)
+
+    async def _converse(
+        self,
+        spec: RunSpec,
+        sink: RunSink,
+        sandbox: SandboxProcess,
+        run_dir: RunDir,
+        argv: list[str],
+        env: dict[str, str],
+        capture: OutputCapture,
+    ) -> dict[str, Any]:
+        assert self.layout is not None
+        proc = await sandbox.spawn(
+            self._args(spec, self.layout, run_dir),
+            {"PATH": SANDBOX_PATH, "HOME": HOME, "LANG": "C.UTF-8"},
+            str(run_dir.root),
+            self._rlimits(spec),
+            self.network if spec.network else None,
+        )
+        assert proc.stdout is not None and proc.stdin is not None
+        channel = GuestChannel(proc.stdout, proc.stdin)
+        await channel.handshake()
+        exec_id = channel.new_id()
+        stdin = spec.stdin or b""
+        inline = len(stdin) <= INLINE_STDIN
+        await channel.send(
+            {
+                "type": "exec",
+                "id": exec_id,
+                "argv": argv,
+                "cwd": HOME,
+                "env": env,
+                "stdin": b64encode(stdin) if inline else None,
+                "stdin_open": not inline,
+                "max_output_bytes": spec.max_output_bytes,
+            }
+        )
+        feeder = None if inline else asyncio.ensure_future(self._feed(channel, exec_id, stdin))
+        started = False
+        try:
+            while True:
+                frame = await channel.read_frame()
+                kind = frame["type"]
+                if kind in ("ok", "error") and started:
+                    continue  # replies to stdin frames after the process already ended
+                if frame.get("id") != exec_id:
+                    raise ProtocolError(f"guest sent {kind!r} for unknown id {frame.get('id')!r}")
+                if kind in ("stdout", "stderr"):
+                    text = capture.feed(kind, b64decode(frame["data"]))
+                    if text:
+                        await sink.output(kind, text)
+                elif kind == "started":
+                    started = True
+                elif kind == "exit":
+                    return frame
+                elif kind == "error":
+                    raise ProtocolError(f"guest refused exec: {frame['code']}: {frame['message']}")
+                else:
+                    raise ProtocolError(f"guest sent an unexpected {kind!r} frame")
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+                await asyncio.gather(feeder, return_exceptions=True)
+
+    @staticmethod
+    async def _feed(channel: GuestChannel, exec_id: str, data: bytes) -> None:
+        for offset in range(0, len(data), STDIN_CHUNK):
+            chunk = b64encode(data[offset : offset + STDIN_CHUNK])
+            await channel.send({"type": "stdin", "id": exec_id, "data": chunk, "eof": False})
+        await channel.send({"type": "stdin", "id": exec_id, "data": None, "eof": True})
