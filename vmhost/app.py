@@ -97,6 +97,7 @@ async def info(request: web.Request) -> web.Response:
             "languages": driver.languages(),
             "cgroups": driver.cgroups,
             "active_runs": len(request.app[RUNS]),
+            "warm_pool_ready": driver.warm_ready(),
         }
     )
 
@@ -148,6 +149,11 @@ def create_app(settings: VmhostSettings, driver: Driver | None = None) -> web.Ap
     app.router.add_get("/v1/info", info)
     app.router.add_post("/v1/runs", create_run)
     app.router.add_delete("/v1/runs/{run_id}", delete_run)
+
+    async def startup(app: web.Application) -> None:
+        await app[DRIVER].start()
+
+    app.on_startup.append(startup)
 
     async def shutdown(app: web.Application) -> None:
         app[RUNS].cancel_all()

@@ -37,6 +37,7 @@ class VmhostSettings:
     tmp_size_mb: int
     nofile: int
     max_request_bytes: int
+    pool_size: int  # prestarted sandboxes kept ready (default limits, no network)
     python_path: str | None
     node_path: str | None
 
@@ -74,12 +75,15 @@ class VmhostSettings:
             tmp_size_mb=env_int(env, "SANDBOX_TMP_MB", 256),
             nofile=env_int(env, "SANDBOX_NOFILE", 1024),
             max_request_bytes=env_int(env, "VMHOST_MAX_REQUEST_MB", 64) * MIB,
+            pool_size=env_int(env, "SANDBOX_POOL", 2),
             python_path=env_opt(env, "SANDBOX_PYTHON"),
             node_path=env_opt(env, "SANDBOX_NODE"),
         )
         for name in ("max_runs", "default_memory_mb", "default_vcpus", "pids_max", "nofile"):
             if getattr(settings, name) < 1:
                 raise ConfigError(f"vmhost setting {name} must be at least 1")
+        if settings.pool_size < 0:
+            raise ConfigError("BULKHEAD_SANDBOX_POOL must be 0 (off) or more")
         if settings.max_output_bytes < 0 or settings.max_file_bytes < MIB:
             raise ConfigError("output and file size limits must be positive")
         return settings

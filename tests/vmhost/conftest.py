@@ -73,7 +73,11 @@ def settings() -> VmhostSettings:
     if reason:
         pytest.skip(reason)
     work_dir = Path("/var/lib/bulkhead") / f"vmhost-test-{secrets.token_hex(4)}"
-    env = {"BULKHEAD_VMHOST_TOKEN": TOKEN, "BULKHEAD_VMHOST_WORK_DIR": str(work_dir)}
+    env = {
+        "BULKHEAD_VMHOST_TOKEN": TOKEN,
+        "BULKHEAD_VMHOST_WORK_DIR": str(work_dir),
+        "BULKHEAD_SANDBOX_POOL": "0",  # cold starts; the warm pool has tests of its own
+    }
     return VmhostSettings.from_env(env)
 
 
@@ -92,6 +96,12 @@ async def small_files_vmhost(settings: VmhostSettings) -> AsyncIterator[Vmhost]:
 @pytest.fixture
 async def two_slot_vmhost(settings: VmhostSettings) -> AsyncIterator[Vmhost]:
     async for host in _serve(replace(settings, max_runs=2)):
+        yield host
+
+
+@pytest.fixture
+async def pooled_vmhost(settings: VmhostSettings) -> AsyncIterator[Vmhost]:
+    async for host in _serve(replace(settings, pool_size=2)):
         yield host
 
 

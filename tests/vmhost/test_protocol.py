@@ -142,8 +142,10 @@ def test_file_operations(agent: AgentPipe, tmp_path: Path) -> None:
         (b"[1, 2]", "invalid_frame"),
         (json.dumps({"v": 2, "type": "stat", "id": "1", "path": "."}).encode(), "version_mismatch"),
         (json.dumps({"v": 1, "type": "dance", "id": "1"}).encode(), "unknown_type"),
-        (json.dumps({"v": 1, "type": "stat", "id": "1", "path": ".", "x": 1}).encode(),
-         "unknown_field"),
+        (
+            json.dumps({"v": 1, "type": "stat", "id": "1", "path": ".", "x": 1}).encode(),
+            "unknown_field",
+        ),
         (json.dumps({"v": 1, "type": "exec", "id": "1", "argv": "ls"}).encode(), "invalid_field"),
     ],
 )

@@ -132,6 +132,14 @@ class Driver(ABC):
         path, including cancellation of the calling task. Raises RunError for runs that
         cannot be carried out."""
 
+    def warm_ready(self) -> int:
+        """Prestarted sandboxes waiting for a run (0 for drivers without a pool)."""
+        return 0
+
+    async def start(self) -> None:
+        """Called once the event loop runs (e.g. to begin filling a warm pool)."""
+        return None
+
     async def close(self) -> None:
         """Kill every active run and release what the driver holds."""
         for event in self._cancels.values():

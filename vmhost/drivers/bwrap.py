@@ -18,6 +18,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+from dataclasses import dataclass
 from typing import Any
 
 from vmhost.drivers.base import Driver, Outcome, Probe, RunSink, RunSpec
@@ -26,6 +27,7 @@ from vmhost.drivers.cgroups import Cgroups, RunCgroup
 from vmhost.drivers.layout import GUEST_MOUNT, HOME, RunDir, SandboxLayout
 from vmhost.drivers.network import SlirpNetwork
 from vmhost.drivers.sandbox_process import Credentials, SandboxProcess
+from vmhost.drivers.warm_pool import WarmPool
 from vmhost.errors import LanguageUnavailable, ProtocolError, RunError, SandboxError
 from vmhost.guest.channel import GuestChannel
 from vmhost.guest.protocol import b64decode, b64encode
@@ -47,6 +49,22 @@ BASE_ENV = {
 SOURCES = {"python": "main.py", "bash": "main.sh", "javascript": "main.js"}
 INLINE_STDIN = 1024 * 1024
 STDIN_CHUNK = 1024 * 1024
+POOL_CPU_S = 86400.0  # a prestarted sandbox's CPU rlimit; the wall-clock timeout still applies
+AGENT_ENV = {"PATH": SANDBOX_PATH, "HOME": HOME, "LANG": "C.UTF-8"}
+
+
+@dataclass
+class Prestarted:
+    """A sandbox whose agent has said hello, waiting in the warm pool for its one run."""
+
+    sandbox: SandboxProcess
+    channel: GuestChannel
+    run_dir: RunDir
+    cgroup: RunCgroup | None
+
+    def alive(self) -> bool:
+        proc = self.sandbox.proc
+        return proc is not None and proc.returncode is None
 
 
 def _interpreter(candidates: list[str]) -> str | None:
@@ -76,6 +94,9 @@ class BwrapDriver(Driver):
         self.cgroup_setup: Cgroups | None = None
         self._prefix: list[str] = []
         self._probe = self._check()
+        self.pool: WarmPool[Prestarted] | None = None
+        if self._probe.available and settings.pool_size > 0:
+            self.pool = WarmPool(settings.pool_size, self._prestart, self._discard)
 
     # --- startup -------------------------------------------------------------
     def _check(self) -> Probe:
@@ -131,10 +152,76 @@ class BwrapDriver(Driver):
             "javascript": self.node is not None,
         }
 
+    def warm_ready(self) -> int:
+        return self.pool.ready if self.pool is not None else 0
+
+    async def start(self) -> None:
+        if self.pool is not None:
+            self.pool.start()
+
     async def close(self) -> None:
         await super().close()
+        if self.pool is not None:
+            await self.pool.close()
         if self.layout is not None:
             self.layout.close()
+
+    # --- the warm pool -----------------------------------------------------------
+    def _poolable(self, spec: RunSpec) -> bool:
+        """Prestarted sandboxes have the default limits and no network."""
+        return (
+            not spec.network
+            and spec.memory_mb == self.settings.default_memory_mb
+            and spec.vcpus == self.settings.default_vcpus
+        )
+
+    def _new_cgroup(self, memory_mb: int, vcpus: int) -> RunCgroup | None:
+        if self.cgroup_setup is None:
+            return None
+        try:
+            return self.cgroup_setup.create(
+                secrets.token_hex(8), memory_mb, self.settings.pids_max, vcpus
+            )
+        except OSError as exc:
+            raise SandboxError(f"cannot create the run's cgroup: {exc}") from exc
+
+    async def _start_sandbox(
+        self, sandbox: SandboxProcess, run_dir: RunDir, network: bool, memory_mb: int,
+        timeout_s: float, vcpus: int,
+    ) -> GuestChannel:  # fmt: skip
+        assert self.layout is not None
+        proc = await sandbox.spawn(
+            self._args(network, memory_mb, self.layout, run_dir),
+            AGENT_ENV,
+            str(run_dir.root),
+            self._rlimits(timeout_s, vcpus),
+            self.network if network else None,
+        )
+        assert proc.stdout is not None and proc.stdin is not None
+        channel = GuestChannel(proc.stdout, proc.stdin)
+        await channel.handshake()
+        return channel
+
+    async def _prestart(self) -> Prestarted:
+        assert self.layout is not None
+        memory_mb, vcpus = self.settings.default_memory_mb, self.settings.default_vcpus
+        run_dir = self.layout.create_run_dir((), {})
+        cgroup: RunCgroup | None = None
+        sandbox: SandboxProcess | None = None
+        try:
+            cgroup = self._new_cgroup(memory_mb, vcpus)
+            sandbox = SandboxProcess(cgroup, self.creds)
+            channel = await self._start_sandbox(
+                sandbox, run_dir, False, memory_mb, POOL_CPU_S, vcpus
+            )
+        except BaseException:
+            await asyncio.shield(self._cleanup(sandbox, cgroup, run_dir))
+            raise
+        return Prestarted(sandbox, channel, run_dir, cgroup)
+
+    async def _discard(self, item: Prestarted) -> None:
+        item.sandbox.kill()
+        await self._cleanup(item.sandbox, item.cgroup, item.run_dir)
 
     # --- one run -------------------------------------------------------------
     def _command(self, spec: RunSpec) -> tuple[list[str], dict[str, bytes]]:
@@ -148,8 +235,8 @@ class BwrapDriver(Driver):
         source = SOURCES[language]
         return [interpreter, source], {source: (spec.code or "").encode()}
 
-    def _rlimits(self, spec: RunSpec) -> list[tuple[int, int, int]]:
-        cpu = math.ceil(spec.timeout_s * spec.vcpus) + 1
+    def _rlimits(self, timeout_s: float, vcpus: int) -> list[tuple[int, int, int]]:
+        cpu = math.ceil(timeout_s * vcpus) + 1
         nproc = self.settings.pids_max * self.settings.max_runs + 64
         return [
             (resource.RLIMIT_CPU, cpu, cpu + 1),
@@ -159,10 +246,12 @@ class BwrapDriver(Driver):
             (resource.RLIMIT_CORE, 0, 0),
         ]
 
-    def _args(self, spec: RunSpec, layout: SandboxLayout, run_dir: RunDir) -> list[str]:
+    def _args(
+        self, network: bool, memory_mb: int, layout: SandboxLayout, run_dir: RunDir
+    ) -> list[str]:
         assert self.python is not None
-        etc = layout.etc_net if spec.network else layout.etc
-        tmp_bytes = min(self.settings.tmp_size_mb, spec.memory_mb) * 1024 * 1024
+        etc = layout.etc_net if network else layout.etc
+        tmp_bytes = min(self.settings.tmp_size_mb, memory_mb) * 1024 * 1024
         return [
             *self._prefix,
             "--ro-bind", str(etc), "/etc",
@@ -179,19 +268,25 @@ class BwrapDriver(Driver):
         if spec.network:
             self.network.require()
         env = {**BASE_ENV, **spec.env}
-        run_dir = layout.create_run_dir(spec.files, sources)
+        warm = self.pool.take() if self.pool is not None and self._poolable(spec) else None
+        channel: GuestChannel | None = None
         cgroup: RunCgroup | None = None
         sandbox: SandboxProcess | None = None
+        if warm is not None:
+            run_dir, cgroup, sandbox, channel = (
+                warm.run_dir,
+                warm.cgroup,
+                warm.sandbox,
+                warm.channel,
+            )
+        else:
+            run_dir = layout.create_run_dir((), {})
         try:
-            if self.cgroup_setup is not None:
-                try:
-                    cgroup = self.cgroup_setup.create(
-                        secrets.token_hex(8), spec.memory_mb, self.settings.pids_max, spec.vcpus
-                    )
-                except OSError as exc:
-                    raise SandboxError(f"cannot create the run's cgroup: {exc}") from exc
-            sandbox = SandboxProcess(cgroup, self.creds)
-            return await self._supervise(spec, sink, cancel, sandbox, run_dir, argv, env)
+            layout.write_files(run_dir, spec.files, sources)
+            if sandbox is None:
+                cgroup = self._new_cgroup(spec.memory_mb, spec.vcpus)
+                sandbox = SandboxProcess(cgroup, self.creds)
+            return await self._supervise(spec, sink, cancel, sandbox, run_dir, argv, env, channel)
         finally:
             cleanup = asyncio.ensure_future(self._cleanup(sandbox, cgroup, run_dir))
             try:
@@ -220,6 +315,7 @@ class BwrapDriver(Driver):
         run_dir: RunDir,
         argv: list[str],
         env: dict[str, str],
+        channel: GuestChannel | None,
     ) -> Outcome:
         assert self.layout is not None
         loop = asyncio.get_running_loop()
@@ -227,7 +323,7 @@ class BwrapDriver(Driver):
         capture = OutputCapture(spec.max_output_bytes)
         canceled = asyncio.ensure_future(cancel.wait())
         conversation = asyncio.ensure_future(
-            self._converse(spec, sink, sandbox, run_dir, argv, env, capture)
+            self._converse(spec, sink, sandbox, run_dir, argv, env, capture, channel)
         )
         try:
             done, _ = await asyncio.wait(
@@ -292,18 +388,12 @@ class BwrapDriver(Driver):
         argv: list[str],
         env: dict[str, str],
         capture: OutputCapture,
+        channel: GuestChannel | None,
     ) -> dict[str, Any]:
-        assert self.layout is not None
-        proc = await sandbox.spawn(
-            self._args(spec, self.layout, run_dir),
-            {"PATH": SANDBOX_PATH, "HOME": HOME, "LANG": "C.UTF-8"},
-            str(run_dir.root),
-            self._rlimits(spec),
-            self.network if spec.network else None,
-        )
-        assert proc.stdout is not None and proc.stdin is not None
-        channel = GuestChannel(proc.stdout, proc.stdin)
-        await channel.handshake()
+        if channel is None:  # cold start: no prestarted sandbox fits this run
+            channel = await self._start_sandbox(
+                sandbox, run_dir, spec.network, spec.memory_mb, spec.timeout_s, spec.vcpus
+            )
         exec_id = channel.new_id()
         stdin = spec.stdin or b""
         inline = len(stdin) <= INLINE_STDIN

@@ -146,14 +146,23 @@ class SandboxLayout:
         os.chown(home, self.uid, self.gid)
         run_dir = RunDir(root, home)
         try:
-            for spec in files:
-                self._write(home, spec.path, spec.content)
-            for name, content in extra.items():
-                self._write(home, name, content)
-        except OSError as exc:
+            self.write_files(run_dir, files, extra)
+        except RunError:
             shutil.rmtree(root, ignore_errors=True)
-            raise RunError(f"cannot place the job's files: {exc}", "invalid_path") from exc
+            raise
         return run_dir
+
+    def write_files(
+        self, run_dir: RunDir, files: tuple[FileSpec, ...], extra: dict[str, bytes]
+    ) -> None:
+        """Place the job's files (and its source) in the run's home, owned by the sandbox."""
+        try:
+            for spec in files:
+                self._write(run_dir.home, spec.path, spec.content)
+            for name, content in extra.items():
+                self._write(run_dir.home, name, content)
+        except OSError as exc:
+            raise RunError(f"cannot place the job's files: {exc}", "invalid_path") from exc
 
     def _write(self, home: Path, relative: str, content: bytes) -> None:
         target = home / relative
