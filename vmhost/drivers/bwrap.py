@@ -294,6 +294,9 @@ class BwrapDriver(Driver):
             except asyncio.CancelledError:
                 await asyncio.shield(cleanup)  # the task is being cancelled twice: finish first
                 raise
+            finally:
+                if self.pool is not None:
+                    self.pool.start()  # refill now that this run no longer needs the CPU
 
     async def _cleanup(
         self, sandbox: SandboxProcess | None, cgroup: RunCgroup | None, run_dir: RunDir

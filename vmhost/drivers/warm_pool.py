@@ -3,7 +3,9 @@
 A prestarted sandbox is a sandbox whose process is running and whose guest agent has said
 ``hello``, with an empty private home and its own cgroup, waiting for its one ``exec``. Each
 is handed to exactly one run (``take`` pops it) and never returns to the pool; the pool is
-refilled in the background. A sandbox that died while waiting is discarded, never handed out.
+refilled in the background once the run that took one has ended (so prestarting does not
+compete with that run for the CPU). A sandbox that died while waiting is discarded, never
+handed out.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ class WarmPool(Generic[T]):
                 self.taken += 1
                 break
             asyncio.ensure_future(self._discard(candidate))
-        self.start()
         return item
 
     async def _fill(self) -> None:
