@@ -1,6 +1,8 @@
 """Job benchmarks (not a test): numbers next to floors measured in the same run.
 
-    .venv/bin/python bench/jobs.py [--n 100] [--burst 200] [--seconds 10]
+    .venv/bin/python bench/jobs.py [--n 100] [--burst 200] [--seconds 10] [--parts …]
+
+Runs on the default SQLite file, or on PostgreSQL when BULKHEAD_DATABASE_URL is set.
 
 1. Round trip: ``POST /v1/jobs?wait=30`` of ``print(1)`` (p50/p99), next to a bare
    ``bwrap … /usr/bin/python3 -c 'print(1)'`` run in the same way (ratio).
@@ -87,8 +89,16 @@ async def bare_run() -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def start_up(root: Path, port: int) -> subprocess.Popen[bytes]:
+def clean_env() -> dict[str, str]:
+    """The caller's environment without BULKHEAD_* settings, but for the database URL."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BULKHEAD_")}
+    if os.environ.get("BULKHEAD_DATABASE_URL"):
+        env["BULKHEAD_DATABASE_URL"] = os.environ["BULKHEAD_DATABASE_URL"]
+    return env
+
+
+def start_up(root: Path, port: int) -> subprocess.Popen[bytes]:
+    env = clean_env()
     env["BULKHEAD_LOG_LEVEL"] = "WARNING"
     log = open(root / "up.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -107,7 +117,7 @@ def start_up(root: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 def make_key(root: Path) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BULKHEAD_")}
+    env = clean_env()
     out = subprocess.run(
         [str(BIN), "keys", "create", "--name", "bench", "--json"],
         cwd=root,
@@ -198,7 +208,7 @@ def admission(root: Path, key: str, seconds: int) -> tuple[float, float]:
     hello = subprocess.Popen([sys.executable, "-c", HELLO.format(port=hello_port)])
     gw_port = free_port()
     state = json.loads((root / ".bulkhead" / "up.json").read_text())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BULKHEAD_")}
+    env = clean_env()
     env.update(
         {
             "BULKHEAD_REDIS_URL": state["redis_url"],

@@ -2,13 +2,16 @@
 
 arq polls its queue every ``poll_delay`` (0.5 s by default), which would add up to half a
 second to every job. ``WakeableWorker`` instead blocks on a Redis list (``BLPOP``) that
-``bulkhead.queue`` pushes to with every enqueue, and polls immediately when woken; the poll
-delay remains only as the fallback for deferred jobs (webhook retries) and crons.
+``bulkhead.queue`` pushes to with every enqueue, and polls immediately when woken. When every
+slot (``BULKHEAD_WORKER_MAX_JOBS``) is busy it waits for a job to end instead, and polls the
+moment one does. The poll delay remains only as the fallback for deferred jobs (webhook
+retries) and crons.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -37,6 +40,11 @@ class WakeableWorker(Worker):
     def __init__(self, *args: Any, redis_url: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._redis_url = redis_url
+        self._slot_freed = asyncio.Event()
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self._slot_freed.set()  # a job ended: look for the next one now, not at the next poll
 
     async def main(self) -> None:
         if self._pool is None:
@@ -53,7 +61,13 @@ class WakeableWorker(Worker):
         wake = Redis.from_url(self._redis_url)
         try:
             while True:
+                self._slot_freed.clear()
                 await self._poll_iteration()
+                if self.job_counter >= self.max_jobs:
+                    # every slot is busy: the next pick-up happens when one frees
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._slot_freed.wait(), POLL_FALLBACK_S)
+                    continue
                 try:
                     await wake.blpop([queue.WAKE_KEY], timeout=POLL_FALLBACK_S)
                 except (RedisConnectionError, OSError):
