@@ -42,6 +42,12 @@ class WakeableWorker(Worker):
         self._redis_url = redis_url
         self._slot_freed = asyncio.Event()
 
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        # arq lists jobs still running here among the queued ones and spends three Redis
+        # round trips per id to find that out; skip the ones this worker is running.
+        running = self.tasks
+        await super().start_jobs([j for j in job_ids if j.decode() not in running])
+
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
         self._slot_freed.set()  # a job ended: look for the next one now, not at the next poll
