@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,20 @@ class SandboxLayout:
         self.guest.mkdir(mode=0o755)
         shutil.copyfile(AGENT_SOURCE, self.guest / "agent.py")
         (self.guest / "agent.py").chmod(0o644)
+
+    def precompile_agent(self, python: str) -> bool:
+        """Compile the agent with the sandbox's interpreter so each start loads bytecode.
+
+        Returns False (and the agent is compiled at every start) if that fails.
+        """
+        result = subprocess.run(
+            [python, "-I", "-S", "-c", "import py_compile, sys; "
+             "py_compile.compile(sys.argv[1], doraise=True)", str(self.guest / "agent.py")],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        for path in self.guest.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        return result.returncode == 0
 
     def _build_etc(self, name: str, resolv: str | None) -> Path:
         etc = self.instance / name

@@ -8,7 +8,13 @@ Stdlib-only and standalone (it is copied into every sandbox and started with
 Transport: frames are read from fd 0 and written to fd 1 (pipes for the bwrap driver, a
 virtio-serial port for microVMs). The agent never relies on the transport closing: it exits
 on a ``shutdown`` request, and also when the transport reports EOF.
+
+``typing`` is imported for the type checker only: on the Python here it costs ~9 ms of the
+agent's ~16 ms start, paid by every sandbox. The vmhost also precompiles this file so the
+sandbox imports bytecode instead of compiling the source on every start.
 """
+
+from __future__ import annotations
 
 import _json
 import _signal
@@ -18,7 +24,10 @@ import os
 import select
 import struct
 import sys
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 VERSION = 1
 AGENT_VERSION = "1.0.0"
