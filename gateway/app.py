@@ -20,6 +20,7 @@ from gateway.context import DB, JOBS, KEY, KEYS, REDIS, SETTINGS
 from gateway.jobs import JobService
 from gateway.keycache import KeyCache
 from gateway.settings import GatewaySettings
+from gateway.subscriber import Subscriber
 from gateway.waiter import JobWaiter
 
 log = logging.getLogger("bulkhead.gateway")
@@ -117,11 +118,10 @@ async def _resources(app: web.Application):  # type: ignore[no-untyped-def]
         RedisSettings.from_dsn(settings.common.redis_url),
         default_queue_name=settings.common.queue_name,
     )
-    waiter = JobWaiter(redis)
-    await waiter.start()
-    keycache = KeyCache(db, redis)
-    await keycache.start()
-    app[KEYS] = keycache
+    subscriber = Subscriber(redis)
+    waiter = JobWaiter(subscriber)
+    app[KEYS] = KeyCache(db, subscriber)
+    await subscriber.start()
     app[DB] = db
     app[REDIS] = redis
     batcher = JobBatcher(db)
@@ -129,8 +129,7 @@ async def _resources(app: web.Application):  # type: ignore[no-untyped-def]
     app[JOBS] = JobService(settings, db, redis, waiter, batcher)
     yield
     await batcher.close()
-    await keycache.close()
-    await waiter.close()
+    await subscriber.close()
     await redis.aclose()
     await db.close()
 

@@ -10,57 +10,32 @@ If the subscription is down, the cache is bypassed until it is back.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
-import logging
 import time
-
-from redis.asyncio import Redis
 
 from bulkhead.db import Database
 from bulkhead.keys import REVOKED_CHANNEL, authenticate
 from bulkhead.models import ApiKey
+from gateway.subscriber import Subscriber
 
-log = logging.getLogger("bulkhead.gateway.keycache")
 TTL_S = 30.0
 MAX_ENTRIES = 10_000
 
 
 class KeyCache:
-    def __init__(self, db: Database, redis: Redis) -> None:
+    def __init__(self, db: Database, subscriber: Subscriber) -> None:
         self.db = db
-        self.redis = redis
         self._entries: dict[str, tuple[ApiKey, float]] = {}
         self._generation = 0
         self._live = False  # subscribed: only then is caching safe
-        self._task: asyncio.Task[None] | None = None
+        subscriber.channel(REVOKED_CHANNEL, lambda _, key_id: self._revoke(key_id))
+        subscriber.on_state(self._set_live)
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._listen(), name="key-revocations")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _listen(self) -> None:
-        while True:
-            try:
-                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(REVOKED_CHANNEL)
-                self._live = True
-                async for message in pubsub.listen():
-                    self._revoke(message["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("key revocation subscription lost; resubscribing", exc_info=True)
-            self._live = False
+    def _set_live(self, live: bool) -> None:
+        self._live = live
+        if not live:
             self._entries.clear()
             self._generation += 1
-            await asyncio.sleep(0.5)
 
     def _revoke(self, key_id: bytes | str) -> None:
         if isinstance(key_id, bytes):

@@ -1,6 +1,7 @@
 """Wait for jobs to end without polling: one Redis pattern subscription per gateway process.
 
-Workers publish ``bulkhead:job-done:<id>`` after they commit a job's end. A waiter registers
+Workers publish ``bulkhead:job-done:<id>`` after they commit a job's end (the gateway's
+``Subscriber`` delivers it here). A waiter registers
 a future, then checks the database once (the end may already be committed), then sleeps on
 the future until the message or the deadline. A lost message only costs a slow re-check.
 """
@@ -9,48 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
-from redis.asyncio import Redis
-
 from bulkhead.queue import JOB_DONE_CHANNEL
+from gateway.subscriber import Subscriber
 
-log = logging.getLogger("bulkhead.gateway.waiter")
-RECHECK_S = 2.0
+RECHECK_S = 2.0  # re-read the database this often in case a message was lost
 
 
 class JobWaiter:
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
+    def __init__(self, subscriber: Subscriber) -> None:
         self._waiting: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._listen(), name="job-waiter")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _listen(self) -> None:
-        while True:
-            try:
-                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                await pubsub.psubscribe(JOB_DONE_CHANNEL + "*")
-                async for message in pubsub.listen():
-                    channel = message["channel"]
-                    if isinstance(channel, bytes):
-                        channel = channel.decode()
-                    self._wake(channel[len(JOB_DONE_CHANNEL) :])
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("job-done subscription lost; resubscribing", exc_info=True)
-                await asyncio.sleep(0.5)
+        subscriber.pattern(
+            JOB_DONE_CHANNEL + "*", lambda channel, _: self._wake(channel[len(JOB_DONE_CHANNEL) :])
+        )
 
     def _wake(self, job_id: str) -> None:
         for fut in self._waiting.pop(job_id, ()):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -68,6 +68,26 @@ async def make_ctx(db: Database, redis: Redis, settings: WorkerSettings) -> dict
     return {"deps": deps, "webhooks": sender}
 
 
+Hooks = Callable[..., Awaitable[tuple[dict[str, Any], CreatedKey]]]
+
+
+@pytest.fixture
+async def hooks(
+    db: Database, redis: Redis, redis_url: str, database_url: str
+) -> AsyncIterator[Hooks]:
+    """Factory: a worker context with these settings overrides, and a fresh API key."""
+    senders: list[WebhookSender] = []
+
+    async def make(**overrides: Any) -> tuple[dict[str, Any], CreatedKey]:
+        ctx = await make_ctx(db, redis, worker_settings(database_url, redis_url, **overrides))
+        senders.append(ctx["webhooks"])
+        return ctx, await create_key(db, "hooks")
+
+    yield make
+    for sender in senders:
+        await sender.close()
+
+
 async def ended_job_event(db: Database, key: CreatedKey, url: str) -> WebhookEvent:
     async with db.session() as session:
         job = Job(
@@ -106,12 +126,10 @@ async def scheduled(redis: Redis) -> dict[str, float]:
 
 
 async def test_signed_delivery_verifies_with_standardwebhooks(
-    db: Database, redis: Redis, redis_url: str, database_url: str, receiver: Any
+    db: Database, redis: Redis, hooks: Hooks, receiver: Any
 ) -> None:
     rec, url = receiver
-    key = await create_key(db, "hooks")
-    settings = worker_settings(database_url, redis_url, webhook_allow_private=True)
-    ctx = await make_ctx(db, redis, settings)
+    ctx, key = await hooks(webhook_allow_private=True)
     event = await ended_job_event(db, key, url)
     assert await deliver_webhook(ctx, event.id, 1, False) == "delivered"
     headers, body = rec.got[0]
@@ -124,18 +142,13 @@ async def test_signed_delivery_verifies_with_standardwebhooks(
     assert len(rec.got) == 1
     rows = await attempts(db, event.id)
     assert [(r.attempt, r.status_code, r.trigger) for r in rows] == [(1, 200, "auto")]
-    await ctx["webhooks"].close()
 
 
 async def test_failures_retry_on_schedule_and_410_stops(
-    db: Database, redis: Redis, redis_url: str, database_url: str, receiver: Any
+    db: Database, redis: Redis, hooks: Hooks, receiver: Any
 ) -> None:
     rec, url = receiver
-    key = await create_key(db, "hooks")
-    settings = worker_settings(
-        database_url, redis_url, webhook_allow_private=True, webhook_schedule_s=[0, 30, 60]
-    )
-    ctx = await make_ctx(db, redis, settings)
+    ctx, key = await hooks(webhook_allow_private=True, webhook_schedule_s=[0, 30, 60])
     event = await ended_job_event(db, key, url)
     rec.script = [
         web.Response(status=500),
@@ -155,47 +168,34 @@ async def test_failures_retry_on_schedule_and_410_stops(
     assert [r.status_code for r in await attempts(db, event.id)] == [500, 302, 410]
     # every attempt carried the same webhook-id
     assert {h["webhook-id"] for h, _ in rec.got} == {event.id}
-    await ctx["webhooks"].close()
 
 
 async def test_retry_after_is_honoured(
-    db: Database, redis: Redis, redis_url: str, database_url: str, receiver: Any
+    db: Database, redis: Redis, hooks: Hooks, receiver: Any
 ) -> None:
     rec, url = receiver
-    key = await create_key(db, "hooks")
-    settings = worker_settings(
-        database_url, redis_url, webhook_allow_private=True, webhook_schedule_s=[0, 1]
-    )
-    ctx = await make_ctx(db, redis, settings)
+    ctx, key = await hooks(webhook_allow_private=True, webhook_schedule_s=[0, 1])
     event = await ended_job_event(db, key, url)
     rec.script = [web.Response(status=429, headers={"Retry-After": "120"})]
     await deliver_webhook(ctx, event.id, 1, False)
     assert 110 < (await scheduled(redis))[queue.webhook_job_id(event.id, 2)] < 130
-    await ctx["webhooks"].close()
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "169.254.169.254", "10.1.2.3"])
-async def test_private_targets_are_refused(
-    db: Database, redis: Redis, redis_url: str, database_url: str, host: str
-) -> None:
-    key = await create_key(db, "hooks")
-    settings = worker_settings(database_url, redis_url, webhook_schedule_s=[0])
-    ctx = await make_ctx(db, redis, settings)
+async def test_private_targets_are_refused(db: Database, hooks: Hooks, host: str) -> None:
+    ctx, key = await hooks(webhook_schedule_s=[0])
     event = await ended_job_event(db, key, f"http://{host}:9/hook")
     result = await deliver_webhook(ctx, event.id, 1, False)
     assert "private" in result
     rows = await attempts(db, event.id)
     assert rows[0].status_code is None and "private" in (rows[0].error or "")
-    await ctx["webhooks"].close()
 
 
 async def test_manual_redelivery_is_one_extra_attempt(
-    db: Database, redis: Redis, redis_url: str, database_url: str, receiver: Any
+    db: Database, redis: Redis, hooks: Hooks, receiver: Any
 ) -> None:
     rec, url = receiver
-    key = await create_key(db, "hooks")
-    settings = worker_settings(database_url, redis_url, webhook_allow_private=True)
-    ctx = await make_ctx(db, redis, settings)
+    ctx, key = await hooks(webhook_allow_private=True)
     event = await ended_job_event(db, key, url)
     await deliver_webhook(ctx, event.id, 1, False)
     await deliver_webhook(ctx, event.id, 0, True)
@@ -203,7 +203,6 @@ async def test_manual_redelivery_is_one_extra_attempt(
     assert [(r.attempt, r.trigger) for r in rows] == [(1, "auto"), (2, "manual")]
     assert rec.got[0][0]["webhook-id"] == rec.got[1][0]["webhook-id"]
     assert await scheduled(redis) == {}
-    await ctx["webhooks"].close()
 
 
 def test_next_delay_follows_the_schedule_with_jitter() -> None:
