@@ -121,7 +121,7 @@ async def create_run(request: web.Request) -> web.StreamResponse:
         ) as span:
             stream = NdjsonStream(request, spec.run_id)
             result = await request.app[DRIVER].run(spec, stream, cancel)
-            span.set_attribute("bulkhead.termination_reason", result.termination_reason)
+            span.set_attribute("bulkhead.termination_reason", result.outcome.termination_reason)
             await stream.send(result.to_dict())
             await stream.response.write_eof()
             return stream.response

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -45,41 +45,6 @@ class Probe:
 
 
 @dataclass
-class RunResult:
-    run_id: str
-    driver: str
-    started_at: datetime
-    finished_at: datetime
-    duration_ms: int
-    termination_reason: str
-    exit_code: int | None = None
-    signal: int | None = None
-    stdout: str = ""
-    stderr: str = ""
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
-    error: dict[str, str] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": "result",
-            "run_id": self.run_id,
-            "exit_code": self.exit_code,
-            "signal": self.signal,
-            "stdout": self.stdout,
-            "stderr": self.stderr,
-            "stdout_truncated": self.stdout_truncated,
-            "stderr_truncated": self.stderr_truncated,
-            "termination_reason": self.termination_reason,
-            "error": self.error,
-            "started_at": isoformat(self.started_at),
-            "finished_at": isoformat(self.finished_at),
-            "duration_ms": self.duration_ms,
-            "driver": self.driver,
-        }
-
-
-@dataclass
 class Outcome:
     """What a driver's execution produced; the base class adds timing and identity."""
 
@@ -91,6 +56,29 @@ class Outcome:
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     error: dict[str, str] | None = field(default=None)
+
+
+@dataclass
+class RunResult:
+    """An outcome with the run's identity and timing: the final line of the run's stream."""
+
+    run_id: str
+    driver: str
+    started_at: datetime
+    finished_at: datetime
+    duration_ms: int
+    outcome: Outcome
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "result",
+            "run_id": self.run_id,
+            **asdict(self.outcome),
+            "started_at": isoformat(self.started_at),
+            "finished_at": isoformat(self.finished_at),
+            "duration_ms": self.duration_ms,
+            "driver": self.driver,
+        }
 
 
 class RunSink(Protocol):
@@ -178,12 +166,5 @@ class Driver(ABC):
             started_at=started_at,
             finished_at=utcnow(),
             duration_ms=int((time.monotonic() - clock) * 1000),
-            termination_reason=outcome.termination_reason,
-            exit_code=outcome.exit_code,
-            signal=outcome.signal,
-            stdout=outcome.stdout,
-            stderr=outcome.stderr,
-            stdout_truncated=outcome.stdout_truncated,
-            stderr_truncated=outcome.stderr_truncated,
-            error=outcome.error,
+            outcome=outcome,
         )
