@@ -16,11 +16,10 @@ from sqlalchemy import select
 from sqlmodel import col
 
 from billing.errors import InvalidPeriod
+from billing.plans import Plan
 from bulkhead.db import Database
 from bulkhead.models import ApiKey, UsageRecord, aware, iso
 
-# Included sandbox-hours per calendar month; None means no cap (metered).
-INCLUDED_HOURS: dict[str, float | None] = {"free": 100.0, "pro": None}
 MAX_RANGE = timedelta(days=366)
 
 
@@ -90,13 +89,13 @@ async def _rows(db: Database, key_id: str, period: Period) -> list[UsageRecord]:
         return list(result.scalars())
 
 
-async def quota(db: Database, key: ApiKey, now: datetime) -> dict[str, Any]:
+async def quota(db: Database, key: ApiKey, plan: Plan, now: datetime) -> dict[str, Any]:
     period = month_of(now)
     used_s = sum(r.seconds for r in await _rows(db, key.id, period))
-    included = INCLUDED_HOURS.get(key.plan)
+    included = plan.included_hours
     used_h = round(used_s / 3600, 4)
     return {
-        "plan": key.plan,
+        "plan": plan.name,
         "included_hours": included,
         "used_hours": used_h,
         "remaining_hours": None if included is None else round(max(0.0, included - used_h), 4),
@@ -105,7 +104,7 @@ async def quota(db: Database, key: ApiKey, now: datetime) -> dict[str, Any]:
 
 
 async def report(
-    db: Database, key: ApiKey, period: Period, granularity: str, now: datetime
+    db: Database, key: ApiKey, plan: Plan, period: Period, granularity: str, now: datetime
 ) -> dict[str, Any]:
     if granularity not in ("day", "month"):
         raise InvalidPeriod("granularity must be 'day' or 'month'")
@@ -123,7 +122,7 @@ async def report(
         "to": iso(period.end),
         "granularity": granularity,
         "totals": _finish(totals),
-        "quota": await quota(db, key, now),
+        "quota": await quota(db, key, plan, now),
         "buckets": [
             {"start": iso(start), **_finish(values)} for start, values in sorted(buckets.items())
         ],
@@ -148,3 +147,35 @@ def to_csv(usage: dict[str, Any]) -> str:
     for bucket in usage["buckets"]:
         writer.writerow(bucket)
     return out.getvalue()
+
+
+async def records(db: Database, key: ApiKey, limit: int, cursor: str | None) -> dict[str, Any]:
+    """The key's ledger, one row per sandbox or job run, newest first, cursor-paginated."""
+    query = select(UsageRecord).where(col(UsageRecord.api_key_id) == key.id)
+    if cursor is not None:
+        query = query.where(col(UsageRecord.id) < cursor)
+    query = query.order_by(col(UsageRecord.id).desc()).limit(limit + 1)
+    async with db.read() as session:
+        rows = list((await session.execute(query)).scalars())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": r.id,
+                "subject_type": r.subject_type,
+                "subject_id": r.subject_id,
+                "started_at": iso(r.started_at),
+                "ended_at": iso(r.ended_at),
+                "sandbox_seconds": r.seconds,
+                "vcpus": r.vcpus,
+                "memory_mb": r.memory_mb,
+                "vcpu_seconds": r.vcpu_seconds,
+                "gib_seconds": r.gib_seconds,
+            }
+            for r in rows
+        ],
+        "has_more": more,
+        "next_cursor": rows[-1].id if more and rows else None,
+    }

@@ -2,7 +2,9 @@
 
 bulkhead up [--host H] [--port P] [--workers N]   everything on this machine
 bulkhead gateway|worker|vmhost [--host H] [--port P]   one deployable (multi-host)
-bulkhead keys create --name N [--plan free|pro] [--json] | list [--json] | revoke ID
+bulkhead keys create --name N [--plan P] [--stripe-customer cus_…] [--json]
+bulkhead keys list [--json] | revoke ID
+bulkhead usage [--key ID] [--month YYYY-MM]           usage table from the ledger
 bulkhead migrate                                  create or upgrade the database
 """
 
@@ -16,6 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from bulkhead.errors import BulkheadError
 from bulkhead.settings import CommonSettings, SettingsError
 
 
@@ -63,12 +66,17 @@ def cmd_vmhost(args: argparse.Namespace) -> int:
     from vmhost.settings import VmhostSettings
 
     _logging("vmhost")
+    from bulkhead.telemetry import setup_tracing
+
+    provider = setup_tracing("vmhost")
     try:
         settings = VmhostSettings.from_env()
     except ConfigError as exc:
         print(f"bulkhead vmhost: configuration error: {exc}", file=sys.stderr)
         return 2
     run(settings, args.host or "127.0.0.1", args.port if args.port is not None else 8700)
+    if provider is not None:
+        provider.shutdown()
     return 0
 
 
@@ -102,7 +110,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
         try:
             await db.migrate()
             if args.keys_cmd == "create":
-                created = await keys.create_key(db, args.name, args.plan)
+                from billing.accounts import create_account_key
+                from billing.plans import Plans
+
+                created = await create_account_key(
+                    db, Plans.from_env(), args.name, args.plan, args.stripe_customer
+                )
                 if args.json:
                     print(json.dumps(created.public()))
                 else:
@@ -155,6 +168,23 @@ async def _announce(key_id: str) -> None:
         await redis.aclose()
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    from billing.plans import Plans
+    from billing.report_table import usage_table
+    from bulkhead.db import Database
+
+    async def go() -> str:
+        db = Database(CommonSettings.from_env().database_url)
+        try:
+            await db.migrate()
+            return await usage_table(db, Plans.from_env(), args.key, args.month)
+        finally:
+            await db.close()
+
+    print(asyncio.run(go()))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bulkhead", description="Run untrusted code in sandboxes.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -177,13 +207,21 @@ def parser() -> argparse.ArgumentParser:
     ksub = keys.add_subparsers(dest="keys_cmd", required=True)
     create = ksub.add_parser("create", help="create a key (printed once)")
     create.add_argument("--name", required=True)
-    create.add_argument("--plan", default="free", choices=["free", "pro"])
+    create.add_argument("--plan", default="free", help="a plan from BULKHEAD_PLANS (free|pro)")
+    create.add_argument(
+        "--stripe-customer", default=None, help="link a Stripe customer (cus_…)"
+    )
     create.add_argument("--json", action="store_true")
     lst = ksub.add_parser("list", help="list keys")
     lst.add_argument("--json", action="store_true")
     revoke = ksub.add_parser("revoke", help="revoke a key at once")
     revoke.add_argument("key_id")
     keys.set_defaults(fn=cmd_keys)
+
+    use = sub.add_parser("usage", help="sandbox usage per key for a month, as a table")
+    use.add_argument("--key", default=None, help="one key id (default: every key)")
+    use.add_argument("--month", default=None, help="YYYY-MM (default: this month, UTC)")
+    use.set_defaults(fn=cmd_usage)
     return p
 
 
@@ -194,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"bulkhead: configuration error: {exc}", file=sys.stderr)
         return 2
+    except BulkheadError as exc:
+        print(f"bulkhead: {exc.message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

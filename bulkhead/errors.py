@@ -33,3 +33,9 @@ class InvalidInput(BulkheadError):
 
 class TooLarge(BulkheadError):
     code = "payload_too_large"
+
+
+class LimitReached(BulkheadError):
+    """A plan limit refuses the request for now (HTTP 429)."""
+
+    code = "limit_reached"

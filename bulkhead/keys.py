@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from bulkhead.models import ApiKey, utcnow
 KEY_PREFIX = "bk_"
 REVOKED_CHANNEL = "bulkhead:key-revoked"  # gateways evict cached keys on this message
 PREFIX_LEN = 12
-PLANS = ("free", "pro")
+STRIPE_CUSTOMER = re.compile(r"^cus_[A-Za-z0-9]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,24 @@ def new_webhook_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-async def create_key(db: Database, name: str, plan: str = "free") -> CreatedKey:
+async def create_key(
+    db: Database,
+    name: str,
+    plan: str = "free",
+    stripe_customer_id: str | None = None,
+    requires_stripe_customer: bool = False,
+) -> CreatedKey:
+    """Create a key on ``plan`` (the caller checks that the plan exists)."""
     name = name.strip()
     if not name or len(name) > 200:
         raise InvalidInput("name must be 1-200 characters")
-    if plan not in PLANS:
-        raise InvalidInput(f"plan must be one of {', '.join(PLANS)}")
+    if stripe_customer_id is not None and not STRIPE_CUSTOMER.match(stripe_customer_id):
+        raise InvalidInput("a Stripe customer id looks like cus_…", "invalid_stripe_customer")
+    if requires_stripe_customer and stripe_customer_id is None:
+        raise InvalidInput(
+            f"the {plan} plan is metered: link a Stripe customer (--stripe-customer cus_…)",
+            "stripe_customer_required",
+        )
     secret = KEY_PREFIX + secrets.token_urlsafe(30)[:40]
     row = ApiKey(
         id=new_id("key"),
@@ -58,6 +71,7 @@ async def create_key(db: Database, name: str, plan: str = "free") -> CreatedKey:
         key_hash=hash_key(secret),
         webhook_secret=new_webhook_secret(),
         plan=plan,
+        stripe_customer_id=stripe_customer_id,
     )
     async with db.session() as session:
         session.add(row)
@@ -69,6 +83,28 @@ async def list_keys(db: Database) -> list[ApiKey]:
     async with db.read() as session:
         rows = await session.execute(select(ApiKey).order_by(col(ApiKey.created_at)))
         return list(rows.scalars())
+
+
+async def set_webhook_url(db: Database, key_id: str, url: str | None) -> ApiKey:
+    async with db.session() as session:
+        row = await session.get(ApiKey, key_id)
+        if row is None:
+            raise NotFound(f"no API key {key_id}")
+        row.webhook_url = url
+        await session.commit()
+        return row
+
+
+async def link_stripe_customer(db: Database, key_id: str, customer_id: str) -> ApiKey:
+    if not STRIPE_CUSTOMER.match(customer_id):
+        raise InvalidInput("a Stripe customer id looks like cus_…", "invalid_stripe_customer")
+    async with db.session() as session:
+        row = await session.get(ApiKey, key_id)
+        if row is None:
+            raise NotFound(f"no API key {key_id}")
+        row.stripe_customer_id = customer_id
+        await session.commit()
+        return row
 
 
 async def revoke_key(db: Database, key_id: str) -> ApiKey:

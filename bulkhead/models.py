@@ -75,6 +75,7 @@ class ApiKey(SQLModel, table=True):
             "prefix": self.prefix,
             "plan": self.plan,
             "webhook_url": self.webhook_url,
+            "stripe_customer_id": self.stripe_customer_id,
             "created_at": iso(self.created_at),
             "revoked_at": iso(self.revoked_at),
         }

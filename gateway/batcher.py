@@ -1,10 +1,11 @@
 """Group commit for admitted jobs: many concurrent POSTs, one database transaction.
 
-Each admission awaits a future while one background task inserts every job waiting at that
-moment in a single transaction (SQLite has one writer per process; a transaction per request
-would serialize all requests behind its round trips). If the batch fails on a constraint
-(an ``Idempotency-Key`` race), its jobs are inserted one by one so that only the offending
-request sees the error.
+Each admission awaits a future while one background task takes every job waiting at that
+moment and, in a single transaction, locks each account involved, checks its plan (hours
+quota and concurrency, ``billing.quota.admit``) and inserts the jobs that fit. SQLite has
+one writer per process; a transaction per request would serialize all requests behind its
+round trips. If the batch fails on a constraint (an ``Idempotency-Key`` race), its jobs are
+admitted one by one so that only the offending request sees the error.
 """
 
 from __future__ import annotations
@@ -15,17 +16,21 @@ import logging
 
 from sqlalchemy.exc import IntegrityError
 
+from billing.plans import Plan
+from billing.quota import AccountState, account_state, admit, lock_account
 from bulkhead.db import Database
-from bulkhead.models import Job
+from bulkhead.errors import LimitReached
+from bulkhead.models import Job, utcnow
 
 log = logging.getLogger("bulkhead.gateway.batcher")
 MAX_BATCH = 256
+Item = tuple[Job, Plan, "asyncio.Future[None]"]
 
 
 class JobBatcher:
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._pending: list[tuple[Job, asyncio.Future[None]]] = []
+        self._pending: list[Item] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -37,14 +42,14 @@ class JobBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for _job, fut in self._pending:
+        for _job, _plan, fut in self._pending:
             if not fut.done():
                 fut.set_exception(RuntimeError("the gateway is shutting down"))
 
-    async def insert(self, job: Job) -> None:
-        """Commit ``job``; raises what its own insert raised (e.g. IntegrityError)."""
+    async def insert(self, job: Job, plan: Plan) -> None:
+        """Admit and commit ``job``; raises LimitReached, or what its insert raised."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((job, fut))
+        self._pending.append((job, plan, fut))
         self._wake.set()
         await fut
 
@@ -56,10 +61,24 @@ class JobBatcher:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 await self._commit(batch)
 
-    async def _commit(self, batch: list[tuple[Job, asyncio.Future[None]]]) -> None:
+    async def _commit(self, batch: list[Item]) -> None:
+        refused: list[tuple[asyncio.Future[None], Exception]] = []
         try:
             async with self.db.session() as session:
-                session.add_all([job for job, _ in batch])
+                states: dict[str, AccountState] = {}
+                now = utcnow()
+                for job, plan, fut in batch:
+                    state = states.get(job.api_key_id)
+                    if state is None:
+                        await lock_account(session, job.api_key_id)
+                        state = await account_state(session, job.api_key_id, now)
+                        states[job.api_key_id] = state
+                    try:
+                        admit(plan, state)
+                    except LimitReached as exc:
+                        refused.append((fut, exc))
+                        continue
+                    session.add(job)
                 await session.commit()
         except IntegrityError as exc:
             if len(batch) == 1:
@@ -69,14 +88,16 @@ class JobBatcher:
                 await self._commit([item])
             return
         except Exception as exc:
-            log.exception("inserting %d jobs failed", len(batch))
+            log.exception("admitting %d jobs failed", len(batch))
             self._settle(batch, exc)
             return
+        for fut, error in refused:
+            fut.set_exception(error)
         self._settle(batch, None)
 
     @staticmethod
-    def _settle(batch: list[tuple[Job, asyncio.Future[None]]], exc: Exception | None) -> None:
-        for _job, fut in batch:
+    def _settle(batch: list[Item], exc: Exception | None) -> None:
+        for _job, _plan, fut in batch:
             if fut.done():
                 continue
             if exc is None:

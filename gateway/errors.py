@@ -7,10 +7,11 @@ ApiError                      root: status + code + message, rendered as
 ├── ConflictError      409    idempotency key reused with another body, state clash
 ├── PayloadTooLarge    413    body or code over the documented limit
 ├── Unprocessable      422    invalid JSON, unknown or invalid fields
+├── TooManyRequests    429    a plan limit: quota_exceeded, concurrency_limit
 └── Unavailable        503    a dependency (database, Redis) is down
 
 Domain errors from ``bulkhead.errors`` are mapped here too (NotFound → 404, Conflict → 409,
-InvalidInput → 422), so services never speak HTTP.
+InvalidInput → 422, LimitReached → 429), so services never speak HTTP.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ class Unprocessable(ApiError):
     code = "invalid_request"
 
 
+class TooManyRequests(ApiError):
+    status = 429
+    code = "too_many_requests"
+
+
 class Unavailable(ApiError):
     status = 503
     code = "unavailable"
@@ -67,6 +73,8 @@ def from_domain(exc: domain.BulkheadError) -> ApiError:
         return NotFoundError(exc.message, exc.code)
     if isinstance(exc, domain.Conflict):
         return ConflictError(exc.message, exc.code)
+    if isinstance(exc, domain.LimitReached):
+        return TooManyRequests(exc.message, exc.code)
     if isinstance(exc, domain.InvalidInput):
         return Unprocessable(exc.message, exc.code)
     return ApiError(exc.message, exc.code)

@@ -65,11 +65,17 @@ class JobService:
         self, key: ApiKey, req: JobCreate, idempotency_key: str | None, request_hash: str
     ) -> tuple[Job, bool]:
         """Admit a job; returns (job, created). Same idempotency key + body → same job."""
+        plan = self.settings.plans.get(key.plan)
         if req.template not in TEMPLATES:
             raise InvalidInput(f"unknown template {req.template!r}", "template_not_found")
         timeout_s = req.timeout_s if req.timeout_s is not None else self.settings.default_timeout_s
         if timeout_s > self.settings.max_timeout_s:
             raise InvalidInput(f"timeout_s must be at most {self.settings.max_timeout_s:g}")
+        if timeout_s > plan.max_lifetime_s:
+            raise InvalidInput(
+                f"timeout_s must be at most {plan.max_lifetime_s} on the {plan.name} plan "
+                "(its sandbox lifetime)"
+            )
         if req.payload_bytes() > self.settings.max_code_bytes:
             raise TooLarge(
                 f"code, stdin and files add up to more than {self.settings.max_code_bytes} bytes"
@@ -101,7 +107,7 @@ class JobService:
             attempt=1,
         )
         try:
-            await self.batcher.insert(job)
+            await self.batcher.insert(job, plan)
         except IntegrityError:
             if idempotency_key is None:
                 raise

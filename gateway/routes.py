@@ -8,6 +8,7 @@ from pathlib import Path
 from aiohttp import web
 
 from billing import usage
+from billing.accounts import create_account_key
 from bulkhead import keys
 from bulkhead.metrics import DURATION_KEY, render_histogram
 from bulkhead.models import JOB_STATUSES, utcnow
@@ -30,6 +31,16 @@ def _float_param(request: web.Request, name: str, default: float) -> float:
     if value < 0:
         raise Unprocessable(f"query parameter {name} must not be negative")
     return value
+
+
+def _limit(request: web.Request) -> int:
+    try:
+        limit = int(request.query.get("limit", "20"))
+    except ValueError as exc:
+        raise Unprocessable("limit must be an integer") from exc
+    if not 1 <= limit <= MAX_PAGE:
+        raise Unprocessable(f"limit must be between 1 and {MAX_PAGE}")
+    return limit
 
 
 async def create_job(request: web.Request) -> web.Response:
@@ -64,12 +75,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in JOB_STATUSES:
         raise Unprocessable(f"status must be one of {', '.join(JOB_STATUSES)}")
-    try:
-        limit = int(request.query.get("limit", "20"))
-    except ValueError as exc:
-        raise Unprocessable("limit must be an integer") from exc
-    if not 1 <= limit <= MAX_PAGE:
-        raise Unprocessable(f"limit must be between 1 and {MAX_PAGE}")
+    limit = _limit(request)
     page = await request.app[JOBS].page(request[KEY], status, limit, request.query.get("cursor"))
     return web.json_response(page.public())
 
@@ -95,8 +101,10 @@ async def get_usage(request: web.Request) -> web.Response:
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "csv"):
         raise Unprocessable("format must be json or csv")
+    key = request[KEY]
+    plan = request.app[SETTINGS].plans.get(key.plan)
     report = await usage.report(
-        request.app[DB], request[KEY], period, request.query.get("granularity", "day"), now
+        request.app[DB], key, plan, period, request.query.get("granularity", "day"), now
     )
     if fmt == "csv":
         return web.Response(text=usage.to_csv(report), content_type="text/csv")
@@ -105,7 +113,8 @@ async def get_usage(request: web.Request) -> web.Response:
 
 async def get_account(request: web.Request) -> web.Response:
     key = request[KEY]
-    quota = await usage.quota(request.app[DB], key, utcnow())
+    plan = request.app[SETTINGS].plans.get(key.plan)
+    quota = await usage.quota(request.app[DB], key, plan, utcnow())
     return web.json_response({"object": "account", **key.public(), "quota": quota})
 
 
@@ -114,15 +123,32 @@ async def admin_list_keys(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [r.public() for r in rows]})
 
 
-class KeyCreate(schemas.Strict):
-    name: str
-    plan: str = "free"
-
-
 async def admin_create_key(request: web.Request) -> web.Response:
-    req = schemas.parse(KeyCreate, await request.read())
-    created = await keys.create_key(request.app[DB], req.name, req.plan)
+    req = schemas.parse(schemas.KeyCreate, await request.read())
+    created = await create_account_key(
+        request.app[DB], request.app[SETTINGS].plans, req.name, req.plan, req.stripe_customer_id
+    )
     return web.json_response(created.public(), status=201)
+
+
+async def admin_update_key(request: web.Request) -> web.Response:
+    req = schemas.parse(schemas.KeyUpdate, await request.read())
+    row = await keys.link_stripe_customer(
+        request.app[DB], request.match_info["key_id"], req.stripe_customer_id
+    )
+    return web.json_response(row.public())
+
+
+async def put_account_webhook(request: web.Request) -> web.Response:
+    req = schemas.parse(schemas.AccountWebhook, await request.read())
+    row = await keys.set_webhook_url(request.app[DB], request[KEY].id, req.url)
+    return web.json_response({"object": "account", **row.public()})
+
+
+async def list_usage_records(request: web.Request) -> web.Response:
+    limit = _limit(request)
+    page = await usage.records(request.app[DB], request[KEY], limit, request.query.get("cursor"))
+    return web.json_response(page)
 
 
 async def admin_revoke_key(request: web.Request) -> web.Response:
@@ -178,10 +204,13 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/jobs/{job_id}/deliveries", list_deliveries)
     app.router.add_post("/v1/jobs/{job_id}/redeliver", redeliver)
     app.router.add_get("/v1/usage", get_usage)
+    app.router.add_get("/v1/usage/sandboxes", list_usage_records)
     app.router.add_get("/v1/account", get_account)
+    app.router.add_put("/v1/account/webhook", put_account_webhook)
     app.router.add_get("/v1/admin/keys", admin_list_keys)
     app.router.add_post("/v1/admin/keys", admin_create_key)
     app.router.add_delete("/v1/admin/keys/{key_id}", admin_revoke_key)
+    app.router.add_patch("/v1/admin/keys/{key_id}", admin_update_key)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -121,6 +121,27 @@ class JobCreate(Strict):
         return code + sum(f.size() for f in self.files)
 
 
+class KeyCreate(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    plan: str = "free"
+    stripe_customer_id: str | None = None
+
+
+class KeyUpdate(Strict):
+    stripe_customer_id: str
+
+
+class AccountWebhook(Strict):
+    url: str | None = Field(max_length=2048)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL, or null")
+        return value
+
+
 def parse(model: type[Strict], raw: bytes) -> Any:
     """Decode a JSON body into ``model`` or raise a 422 saying exactly what is wrong."""
     try:

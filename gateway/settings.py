@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from billing.plans import Plans
 from bulkhead.settings import CommonSettings, env_bool, env_float, env_int, env_opt, env_str
 
 
@@ -22,6 +23,7 @@ class GatewaySettings:
     max_timeout_s: float
     max_output_bytes: int  # per stream, passed to the vmhost
     webhook_allow_private: bool
+    plans: Plans
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -38,4 +40,5 @@ class GatewaySettings:
             max_timeout_s=env_float(env, "MAX_TIMEOUT_S", 86400.0),
             max_output_bytes=env_int(env, "MAX_OUTPUT_BYTES", 1024 * 1024),
             webhook_allow_private=env_bool(env, "WEBHOOK_ALLOW_PRIVATE", False),
+            plans=Plans.from_env(env),
         )

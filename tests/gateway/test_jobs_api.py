@@ -65,10 +65,17 @@ async def test_admin_api_needs_the_admin_token(client: TestClient) -> None:
     wrong = {"Authorization": "Bearer wrong"}
     assert (await client.get("/v1/admin/keys", headers=wrong)).status == 401
     admin = {"Authorization": "Bearer admin-secret"}
-    resp = await client.post("/v1/admin/keys", json={"name": "ci", "plan": "pro"}, headers=admin)
+    body = {"name": "ci", "plan": "pro", "stripe_customer_id": "cus_Test123"}
+    resp = await client.post("/v1/admin/keys", json=body, headers=admin)
     assert resp.status == 201
     created = await resp.json()
     assert created["key"].startswith("bk_") and created["webhook_secret"].startswith("whsec_")
+    assert created["stripe_customer_id"] == "cus_Test123"
+    unlinked = await client.post("/v1/admin/keys", json={"name": "x", "plan": "pro"}, headers=admin)
+    assert unlinked.status == 422
+    assert (await unlinked.json())["error"]["code"] == "stripe_customer_required"
+    nope = await client.post("/v1/admin/keys", json={"name": "x", "plan": "gold"}, headers=admin)
+    assert (await nope.json())["error"]["code"] == "unknown_plan"
     listed = await (await client.get("/v1/admin/keys", headers=admin)).json()
     assert [k["id"] for k in listed["data"]] == [created["id"]]
     assert "key" not in listed["data"][0] and "key_hash" not in listed["data"][0]
@@ -226,7 +233,7 @@ async def test_concurrent_admissions_share_batches_safely(
     client: TestClient, key_factory: Any, redis: Redis
 ) -> None:
     """Group commit: a racing Idempotency-Key in a batch fails only its own request."""
-    key = await key_factory()
+    key = await key_factory(plan="pro")  # 30 jobs in flight: over the free plan's 20
     same = [post_job(client, key, PY, headers={"Idempotency-Key": "race"}) for _ in range(10)]
     others = [post_job(client, key, {**PY, "code": f"print({i})"}) for i in range(20)]
     responses = await asyncio.gather(*same, *others)

@@ -1,0 +1,98 @@
+"""Quota accounting: what an account has used this period and what it holds right now.
+
+Admission is atomic: ``lock_account`` serializes admissions of one account (``SELECT … FOR
+UPDATE`` on its key row in PostgreSQL; SQLite transactions here already hold the database's
+write lock), and within that transaction ``admit`` counts every queued or running job as
+holding at least one second and one concurrency slot, so concurrent requests at the edge of
+a quota or a concurrency limit never over-admit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from billing.errors import ConcurrencyLimit, QuotaExceeded
+from billing.plans import Plan
+from billing.usage import Period, month_of
+from bulkhead.models import ApiKey, Job, UsageRecord, aware, iso
+
+IN_FLIGHT = ("queued", "running")
+
+
+@dataclass
+class AccountState:
+    period: Period
+    used_s: int  # ledger seconds this period
+    in_flight: int  # jobs queued or running
+    held_s: int  # seconds in-flight work holds: elapsed so far, at least 1 each
+
+    @property
+    def committed_s(self) -> int:
+        return self.used_s + self.held_s
+
+
+async def lock_account(session: AsyncSession, key_id: str) -> None:
+    await session.execute(select(col(ApiKey.id)).where(col(ApiKey.id) == key_id).with_for_update())
+
+
+async def used_seconds(session: AsyncSession, key_id: str, period: Period) -> int:
+    total = await session.scalar(
+        select(func.coalesce(func.sum(col(UsageRecord.seconds)), 0)).where(
+            col(UsageRecord.api_key_id) == key_id,
+            col(UsageRecord.ended_at) >= period.start,
+            col(UsageRecord.ended_at) < period.end,
+        )
+    )
+    return int(total or 0)
+
+
+async def account_state(session: AsyncSession, key_id: str, now: datetime) -> AccountState:
+    period = month_of(now)
+    rows = (
+        await session.execute(
+            select(col(Job.status), col(Job.started_at)).where(
+                col(Job.api_key_id) == key_id, col(Job.status).in_(IN_FLIGHT)
+            )
+        )
+    ).all()
+    held = 0
+    for status, started_at in rows:
+        started = aware(started_at)
+        if status == "running" and started is not None:
+            held += max(1, math.ceil((now - started).total_seconds()))
+        else:
+            held += 1
+    return AccountState(period, await used_seconds(session, key_id, period), len(rows), held)
+
+
+def admit(plan: Plan, state: AccountState) -> None:
+    """Raise if one more sandbox would break the plan; else count it in ``state``."""
+    if plan.max_concurrent is not None and state.in_flight >= plan.max_concurrent:
+        raise ConcurrencyLimit(
+            f"the {plan.name} plan allows {plan.max_concurrent} concurrent sandboxes and "
+            f"{state.in_flight} are queued or running; try again when one ends"
+        )
+    if plan.included_seconds is not None and state.committed_s >= plan.included_seconds:
+        raise QuotaExceeded(
+            f"the {plan.name} plan includes {_hours(plan.included_seconds)} sandbox-hours per "
+            f"month and {_hours(state.committed_s)} are used or held by running sandboxes; "
+            f"it resets at {iso(state.period.end)}"
+        )
+    state.in_flight += 1
+    state.held_s += 1
+
+
+def remaining_seconds(plan: Plan, state: AccountState) -> int | None:
+    if plan.included_seconds is None:
+        return None
+    return max(0, plan.included_seconds - state.committed_s)
+
+
+def _hours(seconds: int) -> str:
+    return f"{seconds / 3600:.4g}"
