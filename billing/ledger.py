@@ -31,14 +31,21 @@ async def record_usage(
     ended_at: datetime,
     vcpus: int,
     memory_mb: int,
+    max_seconds: int | None = None,
 ) -> UsageRecord:
-    """Add the ledger row for one run (or return the one already there)."""
+    """Add the ledger row for one run (or return the one already there).
+
+    ``max_seconds`` caps the billed time of a run that was stopped at its quota line, so
+    rounding up to whole seconds never bills past the plan's included time.
+    """
     existing = (
         await session.execute(select(UsageRecord).where(col(UsageRecord.subject_id) == subject_id))
     ).scalar_one_or_none()
     if existing is not None:
         return existing
     seconds = billable_seconds(started_at, ended_at)
+    if max_seconds is not None:
+        seconds = max(1, min(seconds, max_seconds))
     row = UsageRecord(
         id=new_id("usg"),
         api_key_id=api_key_id,

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -24,7 +24,12 @@ from sqlmodel import SQLModel
 from bulkhead import models  # noqa: F401  (registers the tables)
 from bulkhead.models import SchemaVersion
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Statements that bring a database from version N-1 to N. New tables need no entry here
+# (create_all makes them); new columns of existing tables do.
+MIGRATIONS: dict[int, list[str]] = {
+    2: ["ALTER TABLE jobs ADD COLUMN cancel_reason VARCHAR"],
+}
 
 
 class Database:
@@ -76,7 +81,9 @@ class Database:
                 if "already exists" not in str(exc) and "locked" not in str(exc):
                     raise
         async with self.session() as session:
-            row = (await session.execute(select(SchemaVersion))).scalar_one_or_none()
+            row = (
+                await session.execute(select(SchemaVersion).with_for_update())
+            ).scalar_one_or_none()
             if row is None:
                 session.add(SchemaVersion(id=1, version=SCHEMA_VERSION))
                 try:
@@ -89,6 +96,11 @@ class Database:
                     f"database schema version {row.version} is newer than this Bulkhead "
                     f"({SCHEMA_VERSION}); upgrade Bulkhead"
                 )
+            for version in range(row.version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS.get(version, []):
+                    await session.execute(text(statement))
+                row.version = version
+            await session.commit()
             return row.version
 
     async def ping(self) -> None:

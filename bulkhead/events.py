@@ -47,5 +47,7 @@ async def add_job_completed(session: AsyncSession, job: Job) -> WebhookEvent | N
     return event
 
 
-def envelope(event_type: str, data: dict[str, Any]) -> dict[str, Any]:
-    return {"type": event_type, "timestamp": data.get("finished_at"), "data": data}
+def envelope(
+    event_type: str, data: dict[str, Any], timestamp: str | None = None
+) -> dict[str, Any]:
+    return {"type": event_type, "timestamp": timestamp or data.get("finished_at"), "data": data}

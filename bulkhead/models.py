@@ -124,6 +124,7 @@ class Job(SQLModel, table=True):
     attempt: int = 0
     heartbeat_at: datetime | None = _ts()
     cancel_requested: bool = False
+    cancel_reason: str | None = None  # termination_reason for a requested stop (else canceled)
     vmhost_url: str | None = None
 
     def public(self) -> dict[str, Any]:
@@ -231,3 +232,30 @@ class UsageRecord(SQLModel, table=True):
     memory_mb: int
     vcpu_seconds: int
     gib_seconds: float
+
+
+class MeterOutbox(SQLModel, table=True):
+    """Usage waiting to be sent to Stripe as a Billing Meter Event (one per ledger row).
+
+    Written in the transaction that writes the ledger row; ``id`` is that row's id and is
+    sent as the meter event's ``identifier``, so a resend after a crash is deduplicated.
+    """
+
+    __tablename__ = "meter_outbox"
+
+    id: str = Field(primary_key=True)
+    api_key_id: str = Field(index=True)
+    stripe_customer_id: str
+    event_name: str
+    value: int
+    timestamp: int  # unix seconds: the usage's end
+    status: str = Field(default="pending", index=True)  # pending | sent | failed
+    attempts: int = 0
+    next_attempt_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+    last_error: str | None = None
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+    sent_at: datetime | None = _ts()

@@ -21,8 +21,10 @@ from arq.worker import Worker, func
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from billing.metering import MeterSender
 from bulkhead import queue, telemetry
 from bulkhead.db import Database
+from workers.billing_crons import enforce_quotas, flush_usage
 from workers.reconcile import reconcile_jobs
 from workers.runner import Deps, run_job
 from workers.settings import WorkerSettings
@@ -92,6 +94,8 @@ def build_worker(settings: WorkerSettings) -> WakeableWorker:
         await sender.start()
         ctx["deps"] = Deps(settings=settings, db=db, redis=ctx["redis"], vmhosts=vmhosts)
         ctx["webhooks"] = sender
+        if settings.stripe.api_key is not None:
+            ctx["meter_sender"] = MeterSender(settings.stripe)
         log.info("worker ready: vmhosts %s", ", ".join(settings.vmhost_urls))
 
     async def shutdown(ctx: dict[str, Any]) -> None:
@@ -110,13 +114,8 @@ def build_worker(settings: WorkerSettings) -> WakeableWorker:
             func(deliver_webhook, name=queue.DELIVER_WEBHOOK, timeout=60, max_tries=5),
         ],
         cron_jobs=[
-            cron(
-                reconcile_jobs,
-                second=set(range(0, 60, every)),
-                unique=True,
-                timeout=60,
-                run_at_startup=True,
-            ),
+            cron(fn, second=set(range(0, 60, every)), unique=True, timeout=300, run_at_startup=True)
+            for fn in (reconcile_jobs, enforce_quotas, flush_usage)
         ],
         redis_settings=RedisSettings.from_dsn(settings.common.redis_url),
         queue_name=settings.common.queue_name,

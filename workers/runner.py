@@ -21,13 +21,14 @@ from arq.connections import ArqRedis
 from sqlalchemy import update
 from sqlmodel import col
 
-from billing.ledger import record_usage
+from billing.charges import Run, charge_run
 from bulkhead import queue, telemetry
 from bulkhead.db import Database
 from bulkhead.events import add_job_completed
 from bulkhead.metrics import record_duration
-from bulkhead.models import Job, utcnow
+from bulkhead.models import Job, WebhookEvent, utcnow
 from workers.errors import VmhostRejected, VmhostUnavailable
+from workers.limits import RunLimits, run_limits
 from workers.settings import WorkerSettings
 from workers.vmhost_client import VmhostPool
 
@@ -61,7 +62,7 @@ def _parse_time(raw: Any, default: datetime) -> datetime:
     return datetime.fromisoformat(raw.replace("Z", "+00:00"))
 
 
-def run_spec(job: Job, run_id: str, max_output_bytes: int) -> dict[str, Any]:
+def run_spec(job: Job, run_id: str, max_output_bytes: int, timeout_s: float) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "language": job.language,
@@ -70,7 +71,7 @@ def run_spec(job: Job, run_id: str, max_output_bytes: int) -> dict[str, Any]:
         "stdin": job.stdin,
         "env": job.env,
         "files": job.files,
-        "timeout_s": job.timeout_s,
+        "timeout_s": timeout_s,
         "limits": {"vcpus": job.vcpus, "memory_mb": job.memory_mb},
         "network": job.network,
         "template": job.template,
@@ -107,17 +108,21 @@ async def _claim(db: Database, job_id: str, attempt: int) -> Job | None:
 
 
 async def _execute(deps: Deps, job: Job, attempt: int) -> str:
+    started = utcnow()
+    limits = await run_limits(deps.db, deps.settings.plans, job, started)
+    if limits.timeout_s <= 0:  # out of lifetime or quota before it could start
+        outcome: dict[str, Any] = {"termination_reason": limits.reason_at_timeout}
+        return await _finish(deps, job, attempt, outcome, started, None, limits)
     run_id = f"{job.id}-{attempt}"
     host: list[str] = []
-    spec = run_spec(job, run_id, deps.settings.max_output_bytes)
+    stop: list[str] = []  # why the run was stopped from outside, if it was
+    spec = run_spec(job, run_id, deps.settings.max_output_bytes, limits.timeout_s)
     run = asyncio.create_task(deps.vmhosts.run(spec, host.append, deps.settings.vmhost_retry_s))
-    beat = asyncio.create_task(_heartbeat(deps, job.id, attempt, run, host, run_id))
-    started = utcnow()
-    outcome: dict[str, Any]
+    beat = asyncio.create_task(_heartbeat(deps, job.id, attempt, run, host, run_id, stop))
     try:
         _url, outcome = await run
     except asyncio.CancelledError:
-        if not beat.done() or not beat.result():
+        if not stop:
             raise  # the worker is shutting down: leave the job to the reconciler
         outcome = {"termination_reason": "canceled", "exit_code": None}
     except (VmhostUnavailable, VmhostRejected) as exc:
@@ -131,13 +136,24 @@ async def _execute(deps: Deps, job: Job, attempt: int) -> str:
         beat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beat
-    return await _finish(deps, job, attempt, outcome, started, host[-1] if host else None)
+    reason = outcome.get("termination_reason")
+    if reason == "canceled" and stop:
+        outcome["termination_reason"] = stop[0]
+    elif reason == "timeout":
+        outcome["termination_reason"] = limits.reason_at_timeout
+    return await _finish(deps, job, attempt, outcome, started, host[-1] if host else None, limits)
 
 
 async def _heartbeat(
-    deps: Deps, job_id: str, attempt: int, run: asyncio.Task[Any], host: list[str], run_id: str
-) -> bool:
-    """Keep the lease fresh; on a cancel request kill the run and return True."""
+    deps: Deps,
+    job_id: str,
+    attempt: int,
+    run: asyncio.Task[Any],
+    host: list[str],
+    run_id: str,
+    stop: list[str],
+) -> None:
+    """Keep the lease fresh; on a stop request (cancel, quota) note why and kill the run."""
     interval = max(0.2, min(1.0, deps.settings.job_lease_s / 5))
     while True:
         await asyncio.sleep(interval)
@@ -150,12 +166,13 @@ async def _heartbeat(
             job = await session.get(Job, job_id)
             await session.commit()
         if job is not None and job.cancel_requested:
+            stop.append(job.cancel_reason or "canceled")
             if host:
                 await deps.vmhosts.kill(host[-1], run_id)
             await asyncio.sleep(2.0)  # the vmhost's stream should end with "canceled"
             if not run.done():
                 run.cancel()
-            return True
+            return
 
 
 async def _finish(
@@ -165,6 +182,7 @@ async def _finish(
     outcome: dict[str, Any],
     started: datetime,
     vmhost_url: str | None,
+    limits: RunLimits,
 ) -> str:
     now = utcnow()
     reason = outcome.get("termination_reason") or "internal_error"
@@ -202,22 +220,27 @@ async def _finish(
             return "lost_lease"
         row = await session.get(Job, job.id)
         assert row is not None
-        if ran:
-            usage = await record_usage(
-                session,
-                api_key_id=row.api_key_id,
+        events: list[WebhookEvent] = []
+        if ran and limits.key is not None:
+            run = Run(
                 subject_type="job",
                 subject_id=row.id,
                 started_at=started_at,
                 ended_at=finished_at,
                 vcpus=row.vcpus,
                 memory_mb=row.memory_mb,
+                max_seconds=limits.budget_s if reason == "quota_exceeded" else None,
+            )
+            usage, events = await charge_run(
+                session, limits.key, limits.plan, run, deps.settings.stripe.event_name
             )
             row.sandbox_seconds = usage.seconds
-        event = await add_job_completed(session, row)
+        completed = await add_job_completed(session, row)
+        if completed is not None:
+            events.append(completed)
         await session.commit()
     await deps.redis.publish(queue.JOB_DONE_CHANNEL + job.id, b"1")
-    if event is not None:
+    for event in events:
         await queue.enqueue_webhook(deps.redis, deps.settings.common.queue_name, event.id, 1)
     await record_duration(deps.redis, duration_ms / 1000)
     return values["status"]

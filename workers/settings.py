@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from billing.metering import StripeSettings
+from billing.plans import Plans
 from bulkhead.settings import (
     CommonSettings,
     SettingsError,
@@ -13,6 +15,7 @@ from bulkhead.settings import (
     env_float,
     env_int,
     env_list,
+    env_opt,
     env_str,
 )
 
@@ -35,6 +38,8 @@ class WorkerSettings:
     webhook_timeout_s: float
     webhook_allow_private: bool
     reconcile_every_s: int
+    plans: Plans
+    stripe: StripeSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -64,4 +69,11 @@ class WorkerSettings:
             webhook_timeout_s=env_float(env, "WEBHOOK_TIMEOUT_S", 10.0),
             webhook_allow_private=env_bool(env, "WEBHOOK_ALLOW_PRIVATE", False),
             reconcile_every_s=every,
+            plans=Plans.from_env(env),
+            stripe=StripeSettings(
+                api_key=env_opt(env, "STRIPE_API_KEY"),
+                api_base=env_opt(env, "STRIPE_API_BASE"),
+                event_name=env_str(env, "STRIPE_METER_EVENT_NAME", "bulkhead_sandbox_seconds"),
+                max_network_retries=env_int(env, "STRIPE_MAX_NETWORK_RETRIES", 2),
+            ),
         )

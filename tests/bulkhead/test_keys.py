@@ -39,3 +39,24 @@ def test_ids_sort_by_time_and_validate() -> None:
     first, second = new_id("job"), new_id("job")
     assert is_id(first, "job") and not is_id(first, "key")
     assert first[:16] <= second[:16]
+
+
+async def test_a_version_1_database_is_migrated(database_url: str) -> None:
+    """A database made by the first release gains the new columns on start."""
+    from sqlalchemy import text
+
+    from bulkhead.db import SCHEMA_VERSION
+
+    old = Database(database_url)
+    await old.migrate()
+    async with old.session() as session:
+        await session.execute(text("ALTER TABLE jobs DROP COLUMN cancel_reason"))
+        await session.execute(text("UPDATE schema_version SET version = 1"))
+        await session.commit()
+    await old.close()
+    db = Database(database_url)
+    assert await db.migrate() == SCHEMA_VERSION
+    async with db.read() as session:
+        await session.execute(text("SELECT cancel_reason FROM jobs"))
+    assert await db.migrate() == SCHEMA_VERSION  # idempotent
+    await db.close()
