@@ -41,7 +41,5 @@ async def usage_table(db: Database, plans: Plans, key_id: str | None, month: str
         ))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     lines = [f"usage {period.start:%Y-%m} (UTC)"]
-    lines += [
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    ]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
