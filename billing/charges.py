@@ -30,7 +30,7 @@ class Run:
     ended_at: datetime
     vcpus: int
     memory_mb: int
-    max_seconds: int | None = None  # cap for a run stopped at its quota line
+    stopped_at_quota: bool = False  # ended with quota_exceeded: bill at most what was left
 
 
 async def charge_run(
@@ -39,6 +39,9 @@ async def charge_run(
     await lock_account(session, key.id)
     period = month_of(run.ended_at)
     before = await used_seconds(session, key.id, period)
+    cap = None
+    if run.stopped_at_quota and plan is not None and plan.included_seconds is not None:
+        cap = max(1, plan.included_seconds - before)  # rounding up never bills past the line
     usage = await record_usage(
         session,
         api_key_id=key.id,
@@ -48,7 +51,7 @@ async def charge_run(
         ended_at=run.ended_at,
         vcpus=run.vcpus,
         memory_mb=run.memory_mb,
-        max_seconds=run.max_seconds,
+        max_seconds=cap,
     )
     if plan is None:
         return usage, []

@@ -18,7 +18,6 @@ from bulkhead.models import ApiKey, Job, aware
 class RunLimits:
     timeout_s: float
     reason_at_timeout: str  # timeout | lifetime_exceeded | quota_exceeded
-    budget_s: int | None  # the most this run may bill, on a capped plan
     key: ApiKey | None
     plan: Plan | None
 
@@ -31,7 +30,6 @@ async def run_limits(db: Database, plans: Plans, job: Job, now: datetime) -> Run
         if plan is not None and plan.included_seconds is not None:
             state = await account_state(session, job.api_key_id, now)
     candidates: list[tuple[float, str]] = [(job.timeout_s, "timeout")]
-    budget: int | None = None
     if plan is not None:
         created = aware(job.created_at)
         assert created is not None
@@ -42,4 +40,4 @@ async def run_limits(db: Database, plans: Plans, job: Job, now: datetime) -> Run
             budget = plan.included_seconds - state.used_s - (state.held_s - 1)
             candidates.append((float(budget), "quota_exceeded"))
     timeout_s, reason = min(candidates, key=lambda c: c[0])
-    return RunLimits(max(0.0, timeout_s), reason, budget, key, plan)
+    return RunLimits(max(0.0, timeout_s), reason, key, plan)

@@ -229,7 +229,7 @@ async def _finish(
                 ended_at=finished_at,
                 vcpus=row.vcpus,
                 memory_mb=row.memory_mb,
-                max_seconds=limits.budget_s if reason == "quota_exceeded" else None,
+                stopped_at_quota=reason == "quota_exceeded",
             )
             usage, events = await charge_run(
                 session, limits.key, limits.plan, run, deps.settings.stripe.event_name
