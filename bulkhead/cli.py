@@ -133,7 +133,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             else:
                 row = await keys.revoke_key(db, args.key_id)
                 print(f"revoked {row.id}")
-                await _announce(row.id)
+                await _announce()
             return 0
         finally:
             await db.close()
@@ -141,8 +141,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
-async def _announce(key_id: str) -> None:
-    """Make running gateways drop a revoked key from their caches now."""
+async def _announce() -> None:
+    """Make running gateways' key caches re-check every key now (after a revoke)."""
     from redis.asyncio import Redis
 
     from bulkhead.keys import announce_revocation
@@ -161,7 +161,7 @@ async def _announce(key_id: str) -> None:
         return
     redis = Redis.from_url(url)
     try:
-        await announce_revocation(redis, key_id)
+        await announce_revocation(redis)
     except OSError:
         print(warning, file=sys.stderr)
     finally:

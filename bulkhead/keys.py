@@ -23,7 +23,7 @@ from bulkhead.ids import new_id
 from bulkhead.models import ApiKey, utcnow
 
 KEY_PREFIX = "bk_"
-REVOKED_CHANNEL = "bulkhead:key-revoked"  # gateways evict cached keys on this message
+KEYS_VERSION = "bulkhead:keys:version"  # bumped on every revocation; gateways' caches check it
 PREFIX_LEN = 12
 STRIPE_CUSTOMER = re.compile(r"^cus_[A-Za-z0-9]{1,64}$")
 
@@ -118,9 +118,9 @@ async def revoke_key(db: Database, key_id: str) -> ApiKey:
         return row
 
 
-async def announce_revocation(redis: Redis, key_id: str) -> int:
-    """Tell every gateway to drop the key from its cache; returns how many listened."""
-    return int(await redis.publish(REVOKED_CHANNEL, key_id))
+async def announce_revocation(redis: Redis) -> None:
+    """Make every gateway's key cache re-check keys against the database (after a revoke)."""
+    await redis.incr(KEYS_VERSION)
 
 
 async def authenticate(db: Database, secret: str) -> ApiKey | None:

@@ -120,7 +120,7 @@ async def _resources(app: web.Application):  # type: ignore[no-untyped-def]
     )
     subscriber = Subscriber(redis)
     waiter = JobWaiter(subscriber)
-    app[KEYS] = KeyCache(db, subscriber)
+    app[KEYS] = KeyCache(db, redis)
     await subscriber.start()
     app[DB] = db
     app[REDIS] = redis

@@ -1,11 +1,12 @@
-"""A short-lived cache of authenticated API keys, emptied at once on revocation.
+"""A short-lived cache of authenticated API keys that a revocation empties at once.
 
 Looking a key up costs a database round trip per request; the cache keeps a verified key for
-``TTL_S`` seconds. Revocation reaches every gateway through the Redis channel
-``bulkhead:key-revoked`` (published by ``bulkhead keys revoke`` and the admin API); a
-gateway evicts the key as soon as the message arrives. A revocation that lands while a
-lookup is in flight bumps the generation, so that lookup's result is not cached.
-If the subscription is down, the cache is bypassed until it is back.
+up to ``TTL_S`` seconds, tagged with the value of the Redis counter ``bulkhead:keys:version``
+at the time it was read. Revoking a key (``bulkhead keys revoke``, the admin API) increments
+that counter after the database commit, and every lookup first reads the counter (one Redis
+round trip, much cheaper than the database): an entry from an older version is not used. So
+a request that starts after a revocation returned is refused, on every gateway. Without
+Redis the cache is bypassed.
 """
 
 from __future__ import annotations
@@ -13,48 +14,36 @@ from __future__ import annotations
 import hashlib
 import time
 
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
 from bulkhead.db import Database
-from bulkhead.keys import REVOKED_CHANNEL, authenticate
+from bulkhead.keys import KEYS_VERSION, authenticate
 from bulkhead.models import ApiKey
-from gateway.subscriber import Subscriber
 
 TTL_S = 30.0
 MAX_ENTRIES = 10_000
 
 
 class KeyCache:
-    def __init__(self, db: Database, subscriber: Subscriber) -> None:
+    def __init__(self, db: Database, redis: Redis) -> None:
         self.db = db
-        self._entries: dict[str, tuple[ApiKey, float]] = {}
-        self._generation = 0
-        self._live = False  # subscribed: only then is caching safe
-        subscriber.channel(REVOKED_CHANNEL, lambda _, key_id: self._revoke(key_id))
-        subscriber.on_state(self._set_live)
-
-    def _set_live(self, live: bool) -> None:
-        self._live = live
-        if not live:
-            self._entries.clear()
-            self._generation += 1
-
-    def _revoke(self, key_id: bytes | str) -> None:
-        if isinstance(key_id, bytes):
-            key_id = key_id.decode()
-        self._generation += 1
-        for digest, (key, _) in list(self._entries.items()):
-            if key.id == key_id:
-                del self._entries[digest]
+        self.redis = redis
+        self._entries: dict[str, tuple[ApiKey, bytes | None, float]] = {}
 
     async def authenticate(self, secret: str) -> ApiKey | None:
+        try:
+            version: bytes | None = await self.redis.get(KEYS_VERSION)
+        except (RedisError, OSError):
+            return await authenticate(self.db, secret)
         digest = hashlib.sha256(secret.encode()).hexdigest()
-        hit = self._entries.get(digest)
         now = time.monotonic()
-        if hit is not None and self._live and now - hit[1] < TTL_S:
+        hit = self._entries.get(digest)
+        if hit is not None and hit[1] == version and now - hit[2] < TTL_S:
             return hit[0]
-        generation = self._generation
         key = await authenticate(self.db, secret)
-        if key is not None and self._live and generation == self._generation:
+        if key is not None:
             if len(self._entries) >= MAX_ENTRIES:
                 self._entries.clear()
-            self._entries[digest] = (key, now)
+            self._entries[digest] = (key, version, now)
         return key

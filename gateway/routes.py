@@ -153,7 +153,7 @@ async def list_usage_records(request: web.Request) -> web.Response:
 
 async def admin_revoke_key(request: web.Request) -> web.Response:
     row = await keys.revoke_key(request.app[DB], request.match_info["key_id"])
-    await keys.announce_revocation(request.app[REDIS], row.id)
+    await keys.announce_revocation(request.app[REDIS])
     return web.json_response(row.public())
 
 

@@ -1,9 +1,8 @@
 """One Redis pub/sub connection per gateway process, shared by whoever needs messages.
 
-The job waiter listens for ``bulkhead:job-done:*`` and the key cache for
-``bulkhead:key-revoked``. Handlers are plain callbacks; ``on_state`` callbacks learn when the
-subscription is live or lost (the key cache must not trust its entries while it is lost).
-A lost connection is retried every half second.
+The job waiter listens for ``bulkhead:job-done:*``. Handlers are plain callbacks. A lost
+connection is retried every half second (a waiter also re-reads the database every few
+seconds, so a message lost meanwhile only costs latency).
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ class Subscriber:
         self.redis = redis
         self._channels: dict[str, Handler] = {}
         self._patterns: dict[str, Handler] = {}
-        self._state: list[Callable[[bool], None]] = []
         self._task: asyncio.Task[None] | None = None
 
     def channel(self, name: str, handler: Handler) -> None:
@@ -33,9 +31,6 @@ class Subscriber:
 
     def pattern(self, pattern: str, handler: Handler) -> None:
         self._patterns[pattern] = handler
-
-    def on_state(self, callback: Callable[[bool], None]) -> None:
-        self._state.append(callback)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="redis-subscriber")
@@ -46,10 +41,6 @@ class Subscriber:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def _set_state(self, live: bool) -> None:
-        for callback in self._state:
-            callback(live)
-
     async def _listen(self) -> None:
         while True:
             try:
@@ -58,14 +49,12 @@ class Subscriber:
                     await pubsub.subscribe(*self._channels)
                 if self._patterns:
                     await pubsub.psubscribe(*self._patterns)
-                self._set_state(True)
                 async for message in pubsub.listen():
                     self._dispatch(message)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.warning("Redis subscription lost; resubscribing", exc_info=True)
-            self._set_state(False)
             await asyncio.sleep(RETRY_S)
 
     def _dispatch(self, message: dict[str, object]) -> None:
