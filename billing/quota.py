@@ -22,8 +22,6 @@ from billing.plans import Plan
 from billing.usage import Period, month_of
 from bulkhead.models import ApiKey, Job, UsageRecord, aware, iso
 
-IN_FLIGHT = ("queued", "running")
-
 
 @dataclass
 class AccountState:
@@ -54,21 +52,28 @@ async def used_seconds(session: AsyncSession, key_id: str, period: Period) -> in
 
 async def account_state(session: AsyncSession, key_id: str, now: datetime) -> AccountState:
     period = month_of(now)
-    rows = (
+    queued = await session.scalar(
+        select(func.count()).where(col(Job.api_key_id) == key_id, col(Job.status) == "queued")
+    )
+    running = (
         await session.execute(
-            select(col(Job.status), col(Job.started_at)).where(
-                col(Job.api_key_id) == key_id, col(Job.status).in_(IN_FLIGHT)
+            select(col(Job.started_at)).where(
+                col(Job.api_key_id) == key_id, col(Job.status) == "running"
             )
         )
-    ).all()
-    held = 0
-    for status, started_at in rows:
+    ).scalars()
+    held = int(queued or 0)  # a queued job holds one second
+    count = held
+    for started_at in running:
         started = aware(started_at)
-        if status == "running" and started is not None:
-            held += max(1, math.ceil((now - started).total_seconds()))
-        else:
-            held += 1
-    return AccountState(period, await used_seconds(session, key_id, period), len(rows), held)
+        elapsed = (now - started).total_seconds() if started is not None else 0.0
+        held += max(1, math.ceil(elapsed))
+        count += 1
+    return AccountState(period, await used_seconds(session, key_id, period), count, held)
+
+
+def is_limited(plan: Plan) -> bool:
+    return plan.included_seconds is not None or plan.max_concurrent is not None
 
 
 def admit(plan: Plan, state: AccountState) -> None:

@@ -17,7 +17,7 @@ import logging
 from sqlalchemy.exc import IntegrityError
 
 from billing.plans import Plan
-from billing.quota import AccountState, account_state, admit, lock_account
+from billing.quota import AccountState, account_state, admit, is_limited, lock_account
 from bulkhead.db import Database
 from bulkhead.errors import LimitReached
 from bulkhead.models import Job, utcnow
@@ -68,6 +68,9 @@ class JobBatcher:
                 states: dict[str, AccountState] = {}
                 now = utcnow()
                 for job, plan, fut in batch:
+                    if not is_limited(plan):
+                        session.add(job)
+                        continue
                     state = states.get(job.api_key_id)
                     if state is None:
                         await lock_account(session, job.api_key_id)
