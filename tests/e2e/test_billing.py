@@ -81,16 +81,19 @@ async def test_pro_usage_reaches_stripe_once_per_ledger_row(
         up.cli("keys", "create", "--name", "pro", "--plan", "pro",
                "--stripe-customer", customer, "--json")
     )  # fmt: skip
-    stripe_fake.inject(status=429, count=1)
-    stripe_fake.inject(status=500, count=1, after_apply=True)
+    # the first meter event hangs for 8 s: the worker is killed while that flush waits
+    stripe_fake.inject(status=None, delay_s=8.0, count=1)
     headers = {"Authorization": f"Bearer {key['key']}"}
     async with aiohttp.ClientSession(headers=headers) as session:
         for i in range(4):
             body = {"language": "python", "code": f"import time; time.sleep({i % 2}); print({i})"}
             status, job = await post(session, up, body, 30)
             assert status == 200 and job["status"] == "completed", job
-            if i == 1:  # a worker dies between flushes; `up` restarts it
-                os.kill(up.state()["children"]["worker-1"], signal.SIGKILL)
+            if i == 1:
+                await asyncio.sleep(2.5)  # a flush (every second) is now stuck on Stripe
+                os.kill(up.state()["children"]["worker-1"], signal.SIGKILL)  # `up` restarts it
+                stripe_fake.inject(status=429, count=1)
+                stripe_fake.inject(status=500, count=1, after_apply=True)
         async with session.get(f"{up.url}/v1/usage") as resp:
             ledger_total = (await resp.json())["totals"]["sandbox_seconds"]
         async with session.get(f"{up.url}/v1/usage/sandboxes") as resp:
