@@ -12,8 +12,11 @@ Runs on the default SQLite file, or on PostgreSQL when BULKHEAD_DATABASE_URL is 
    measured with the same wrk settings. This uses a second gateway on a queue no worker
    reads, so the admitted jobs are not run.
 
+4. Webhook latency: from a job's ``finished_at`` to its signed webhook reaching a receiver
+   on loopback.
+
 DESIGN §5 targets: p50 ≤ 4× and p99 ≤ 10× the bare run; throughput ≥ 60 % of bare runs/s;
-admission ≥ 20 % of the hello-world.
+admission ≥ 20 % of the hello-world; webhook ≤ 50 ms p50 after the job finishes.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent / "bulkhead"
@@ -106,6 +111,7 @@ def clean_env() -> dict[str, str]:
 def start_up(root: Path, port: int) -> subprocess.Popen[bytes]:
     env = clean_env()
     env["BULKHEAD_LOG_LEVEL"] = "WARNING"
+    env["BULKHEAD_WEBHOOK_ALLOW_PRIVATE"] = "1"  # the receiver below is on loopback
     log = open(root / "up.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [str(BIN), "up", "--port", str(port)],
@@ -147,6 +153,41 @@ async def round_trips(url: str, key: str, n: int) -> list[float]:
             times.append((time.perf_counter() - started) * 1000)
             assert job["stdout"] == "1\n", job
     return times
+
+
+async def webhook_latency(url: str, key: str, n: int) -> list[float]:
+    """ms from a job's finished_at to its signed webhook arriving at a loopback receiver."""
+    lags: list[float] = []
+    got = asyncio.Event()
+
+    async def receive(request: web.Request) -> web.Response:
+        event = await request.json()
+        finished = datetime.fromisoformat(event["data"]["finished_at"].replace("Z", "+00:00"))
+        lags.append((datetime.now(UTC) - finished).total_seconds() * 1000)
+        got.set()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    body = {
+        "language": "python",
+        "code": "print(1)",
+        "callback_url": f"http://127.0.0.1:{port}/hook",
+    }
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+            for _ in range(n):
+                got.clear()
+                async with http.post(f"{url}/v1/jobs?wait=30", json=body) as resp:
+                    await resp.read()
+                await asyncio.wait_for(got.wait(), 30)
+    finally:
+        await runner.cleanup()
+    return lags
 
 
 async def burst(url: str, key: str, n: int) -> float:
@@ -249,7 +290,9 @@ async def main() -> None:
     parser.add_argument("--burst", type=int, default=200, help="jobs in the throughput burst")
     parser.add_argument("--seconds", type=int, default=10, help="wrk duration")
     parser.add_argument(
-        "--parts", default="roundtrip,throughput,admission", help="comma list of parts to run"
+        "--parts",
+        default="roundtrip,webhook,throughput,admission",
+        help="comma list of parts to run",
     )
     args = parser.parse_args()
     if shutil.which("bwrap") is None or shutil.which("wrk") is None:
@@ -272,6 +315,9 @@ async def main() -> None:
                     f"  ratio p50 {pct(jobs, 50) / pct(bare, 50):.2f}x (target <= 4x), "
                     f"p99 {pct(jobs, 99) / pct(bare, 50):.2f}x of bare p50 (target <= 10x)"
                 )
+            if "webhook" in parts:
+                lags = await webhook_latency(url, key, min(args.n, 50))
+                print(f"webhook after job end:       {summary(lags)} (target p50 <= 50 ms)")
             if "throughput" in parts:
                 parallel = os.cpu_count() or 2
                 bare_rate = await bare_burst(args.burst, parallel)
