@@ -24,6 +24,7 @@ pg_up() {
 if [ -z "${BULKHEAD_TEST_POSTGRES_URL:-}" ]; then
   if ! pg_up && [ "${CI:-}" = true ] && [ "$(id -u)" = 0 ]; then
     echo "test: installing PostgreSQL for CI" >&2
+    apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
     pg_up
   fi
