@@ -29,7 +29,7 @@ def webhook_job_id(event_id: str, attempt: int) -> str:
 async def enqueue_run(
     redis: ArqRedis, queue_name: str, job_id: str, attempt: int, trace: dict[str, str]
 ) -> None:
-    await redis.enqueue_job(
+    job = await redis.enqueue_job(
         RUN_JOB,
         job_id,
         attempt,
@@ -37,7 +37,8 @@ async def enqueue_run(
         _job_id=run_job_id(job_id, attempt),
         _queue_name=queue_name,
     )
-    await wake(redis)
+    if job is not None:  # None: that run is already queued (a repeated enqueue is a no-op)
+        await wake(redis)
 
 
 async def enqueue_webhook(
