@@ -67,15 +67,15 @@ class JobBatcher:
             async with self.db.session() as session:
                 states: dict[str, AccountState] = {}
                 now = utcnow()
+                # lock accounts in one global order, so two gateways never deadlock
+                for key_id in sorted({j.api_key_id for j, plan, _ in batch if is_limited(plan)}):
+                    await lock_account(session, key_id)
+                    states[key_id] = await account_state(session, key_id, now)
                 for job, plan, fut in batch:
                     if not is_limited(plan):
                         session.add(job)
                         continue
-                    state = states.get(job.api_key_id)
-                    if state is None:
-                        await lock_account(session, job.api_key_id)
-                        state = await account_state(session, job.api_key_id, now)
-                        states[job.api_key_id] = state
+                    state = states[job.api_key_id]
                     try:
                         admit(plan, state)
                     except LimitReached as exc:
