@@ -29,7 +29,7 @@ PLANS = Plans.parse(
     {
         "free": {"included_hours": 100},
         "tiny": {"included_seconds": 3},
-        "six": {"included_seconds": 6},
+        "eight": {"included_seconds": 8},
         "short": {"included_hours": 1, "max_lifetime_s": 2},
         "pro": {"included_hours": None, "metered": True, "requires_stripe_customer": True},
     }
@@ -87,15 +87,15 @@ async def test_nothing_lives_past_the_plan_lifetime(db: Database, billing_deps: 
 async def test_the_cron_stops_runs_that_cross_the_line_together(
     db: Database, billing_deps: Deps
 ) -> None:
-    """Each run alone would stop at 6 s or 4 s; together they cross 6 s at about 4 s."""
-    key = await create_key(db, "six", "six")
+    """Alone, the runs would stop at 8 s and 7.5 s; together they cross 8 s at about 4.75 s."""
+    key = await create_key(db, "eight", "eight")
     first, second = await add_job(db, key, **SLEEP), await add_job(db, key, **SLEEP)
     ctx = {"deps": billing_deps}
     runs = [asyncio.create_task(run_job(ctx, first.id, 1, {}))]
     await asyncio.sleep(1.5)
     runs.append(asyncio.create_task(run_job(ctx, second.id, 1, {})))
     stopped = 0
-    for _ in range(40):
+    for _ in range(60):
         await asyncio.sleep(0.25)
         stopped += (await enforce_quotas(ctx))["jobs_stopped"]
         if stopped:
@@ -104,7 +104,7 @@ async def test_the_cron_stops_runs_that_cross_the_line_together(
     await asyncio.gather(*runs)
     done = [await load(db, j.id) for j in (first, second)]
     assert {j.termination_reason for j in done} == {"quota_exceeded"}
-    assert sum(r.seconds for r in await ledger(db, key.key.id)) == 6  # exactly the line
+    assert sum(r.seconds for r in await ledger(db, key.key.id)) == 8  # exactly the line
 
 
 async def test_quota_events_are_sent_once_per_period(db: Database) -> None:
