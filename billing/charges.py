@@ -16,9 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from billing.ledger import record_usage
 from billing.metering import add_to_outbox
 from billing.plans import Plan
-from billing.quota import lock_account, used_seconds
+from billing.quota import lock_account
 from billing.quota_events import check_thresholds
-from billing.usage import month_of
+from billing.usage import month_of, used_seconds
 from bulkhead.models import ApiKey, UsageRecord, WebhookEvent
 
 

@@ -19,8 +19,8 @@ from sqlmodel import col
 
 from billing.errors import ConcurrencyLimit, QuotaExceeded
 from billing.plans import Plan
-from billing.usage import Period, month_of
-from bulkhead.models import ApiKey, Job, UsageRecord, aware, iso
+from billing.usage import Period, month_of, used_seconds
+from bulkhead.models import ApiKey, Job, aware, iso
 
 
 @dataclass
@@ -37,17 +37,6 @@ class AccountState:
 
 async def lock_account(session: AsyncSession, key_id: str) -> None:
     await session.execute(select(col(ApiKey.id)).where(col(ApiKey.id) == key_id).with_for_update())
-
-
-async def used_seconds(session: AsyncSession, key_id: str, period: Period) -> int:
-    total = await session.scalar(
-        select(func.coalesce(func.sum(col(UsageRecord.seconds)), 0)).where(
-            col(UsageRecord.api_key_id) == key_id,
-            col(UsageRecord.ended_at) >= period.start,
-            col(UsageRecord.ended_at) < period.end,
-        )
-    )
-    return int(total or 0)
 
 
 async def account_state(session: AsyncSession, key_id: str, now: datetime) -> AccountState:
@@ -91,12 +80,6 @@ def admit(plan: Plan, state: AccountState) -> None:
         )
     state.in_flight += 1
     state.held_s += 1
-
-
-def remaining_seconds(plan: Plan, state: AccountState) -> int | None:
-    if plan.included_seconds is None:
-        return None
-    return max(0, plan.included_seconds - state.committed_s)
 
 
 def _hours(seconds: int) -> str:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from billing.errors import InvalidPeriod
@@ -89,9 +90,21 @@ async def _rows(db: Database, key_id: str, period: Period) -> list[UsageRecord]:
         return list(result.scalars())
 
 
+async def used_seconds(session: AsyncSession, key_id: str, period: Period) -> int:
+    total = await session.scalar(
+        select(func.coalesce(func.sum(col(UsageRecord.seconds)), 0)).where(
+            col(UsageRecord.api_key_id) == key_id,
+            col(UsageRecord.ended_at) >= period.start,
+            col(UsageRecord.ended_at) < period.end,
+        )
+    )
+    return int(total or 0)
+
+
 async def quota(db: Database, key: ApiKey, plan: Plan, now: datetime) -> dict[str, Any]:
     period = month_of(now)
-    used_s = sum(r.seconds for r in await _rows(db, key.id, period))
+    async with db.read() as session:
+        used_s = await used_seconds(session, key.id, period)
     included = plan.included_hours
     used_h = round(used_s / 3600, 4)
     return {

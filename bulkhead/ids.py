@@ -13,10 +13,3 @@ import time
 def new_id(prefix: str) -> str:
     millis = int(time.time() * 1000)
     return f"{prefix}_{millis:012x}{secrets.token_hex(6)}"
-
-
-def is_id(value: str, prefix: str) -> bool:
-    head, _, tail = value.partition("_")
-    if head != prefix or len(tail) != 24:
-        return False
-    return all(c in "0123456789abcdef" for c in tail)

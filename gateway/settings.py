@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from billing.plans import Plans
-from bulkhead.settings import CommonSettings, env_bool, env_float, env_int, env_opt, env_str
+from bulkhead.settings import CommonSettings, env_float, env_int, env_opt, env_str
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,6 @@ class GatewaySettings:
     max_wait_s: float  # ceiling for ?wait=
     default_timeout_s: float
     max_timeout_s: float
-    max_output_bytes: int  # per stream, passed to the vmhost
-    webhook_allow_private: bool
     plans: Plans
 
     @classmethod
@@ -38,7 +36,5 @@ class GatewaySettings:
             max_wait_s=env_float(env, "MAX_WAIT_S", 60.0),
             default_timeout_s=env_float(env, "DEFAULT_TIMEOUT_S", 60.0),
             max_timeout_s=env_float(env, "MAX_TIMEOUT_S", 86400.0),
-            max_output_bytes=env_int(env, "MAX_OUTPUT_BYTES", 1024 * 1024),
-            webhook_allow_private=env_bool(env, "WEBHOOK_ALLOW_PRIVATE", False),
             plans=Plans.from_env(env),
         )
