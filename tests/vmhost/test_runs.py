@@ -81,9 +81,12 @@ async def test_output_streams_before_the_run_ends(vmhost: Vmhost) -> None:
         arrivals = []
         async for raw in resp.content:
             arrivals.append((time.monotonic(), json.loads(raw)))
-    first = next(t for t, line in arrivals if line.get("data") == "first\n")
+    assert arrivals and arrivals[-1][1]["type"] == "result", arrivals
+    assert arrivals[-1][1]["stdout"] == "first\nsecond\n", arrivals[-1][1]
+    chunks = [(t, line) for t, line in arrivals if line["type"] == "stdout"]
+    first = next((t for t, line in chunks if line["data"].startswith("first")), None)
+    assert first is not None, f"no stdout chunk starts with 'first': {chunks}"
     end = arrivals[-1][0]
-    assert arrivals[-1][1]["type"] == "result"
     assert end - first >= 2.0, "the first chunk must arrive while the job is still running"
 
 
