@@ -3,7 +3,8 @@
 Admission is atomic: ``lock_account`` serializes admissions of one account (``SELECT … FOR
 UPDATE`` on its key row in PostgreSQL; SQLite transactions here already hold the database's
 write lock), and within that transaction ``admit`` counts every queued or running job as
-holding at least one second and one concurrency slot, so concurrent requests at the edge of
+holding at least one second and one concurrency slot (so does every starting or running
+held-open sandbox), so concurrent requests at the edge of
 a quota or a concurrency limit never over-admit.
 """
 
@@ -20,14 +21,14 @@ from sqlmodel import col
 from billing.errors import ConcurrencyLimit, QuotaExceeded
 from billing.plans import Plan
 from billing.usage import Period, month_of, used_seconds
-from bulkhead.models import ApiKey, Job, aware, iso
+from bulkhead.models import ApiKey, Job, Sandbox, aware, iso
 
 
 @dataclass
 class AccountState:
     period: Period
     used_s: int  # ledger seconds this period
-    in_flight: int  # jobs queued or running
+    in_flight: int  # jobs queued or running, sandboxes starting or running
     held_s: int  # seconds in-flight work holds: elapsed so far, at least 1 each
 
     @property
@@ -53,7 +54,16 @@ async def account_state(session: AsyncSession, key_id: str, now: datetime) -> Ac
     ).scalars()
     held = int(queued or 0)  # a queued job holds one second
     count = held
-    for started_at in running:
+    open_sandboxes = (
+        await session.execute(
+            select(col(Sandbox.started_at), col(Sandbox.created_at)).where(
+                col(Sandbox.api_key_id) == key_id,
+                col(Sandbox.state).in_(("starting", "running")),
+            )
+        )
+    ).all()
+    starts = [*running, *(started or created for started, created in open_sandboxes)]
+    for started_at in starts:
         started = aware(started_at)
         elapsed = (now - started).total_seconds() if started is not None else 0.0
         held += max(1, math.ceil(elapsed))

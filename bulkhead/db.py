@@ -24,7 +24,7 @@ from sqlmodel import SQLModel
 from bulkhead import models  # noqa: F401  (registers the tables)
 from bulkhead.models import SchemaVersion
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the sandboxes table (created by create_all)
 # Statements that bring a database from version N-1 to N. New tables need no entry here
 # (create_all makes them); new columns of existing tables do.
 MIGRATIONS: dict[int, list[str]] = {

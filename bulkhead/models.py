@@ -41,6 +41,11 @@ def iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def utc(value: datetime) -> datetime:
+    """A stored timestamp as an aware UTC datetime (SQLite returns naive ones)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 def aware(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
@@ -155,6 +160,77 @@ class Job(SQLModel, table=True):
             "usage": {"sandbox_seconds": self.sandbox_seconds},
             "callback_url": self.callback_url,
             "metadata": self.job_metadata,
+        }
+
+
+SANDBOX_STATES = ("starting", "running", "ended")
+
+
+class Sandbox(SQLModel, table=True):
+    """A held-open sandbox. ``starting`` and ``running`` ones hold a concurrency slot.
+
+    ``expires_at`` moves with timeout changes but never past ``lifetime_ends_at`` (24 h,
+    or the plan's lifetime, from creation). ``started_at``/``ended_at`` are the vmhost's
+    real start and end; the ledger row is written in the transaction that sets ``ended``.
+    """
+
+    __tablename__ = "sandboxes"
+    __table_args__ = (UniqueConstraint("api_key_id", "idempotency_key"),)
+
+    id: str = Field(primary_key=True)
+    api_key_id: str = Field(index=True)
+    state: str = Field(default="starting", index=True)
+    template: str = "base"
+    env: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON))
+    vcpus: int = 1
+    memory_mb: int = 512
+    network: bool = False
+    isolation: str = "namespace"
+    sandbox_metadata: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON))
+    timeout_s: float = 300.0
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    vmhost_url: str | None = None
+    driver: str | None = None
+    termination_reason: str | None = None
+    error_message: str | None = None
+    sandbox_seconds: int = 0
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+    expires_at: datetime = Field(
+        sa_column=Column(DateTime(timezone=True), nullable=False, index=True)
+    )
+    lifetime_ends_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    started_at: datetime | None = _ts()
+    ended_at: datetime | None = _ts()
+    end_requested: str | None = None  # a requested end's reason, carried out by the reaper
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "sandbox",
+            "state": self.state,
+            "template": self.template,
+            "isolation": self.isolation,
+            "driver": self.driver,
+            "network": self.network,
+            "limits": {"vcpus": self.vcpus, "memory_mb": self.memory_mb},
+            "env_keys": sorted(self.env),
+            "metadata": self.sandbox_metadata,
+            "timeout_s": self.timeout_s,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "expires_at": iso(self.expires_at),
+            "lifetime_ends_at": iso(self.lifetime_ends_at),
+            "ended_at": iso(self.ended_at),
+            "termination_reason": self.termination_reason,
+            "error": (
+                {"code": self.termination_reason or "internal_error", "message": self.error_message}
+                if self.error_message
+                else None
+            ),
+            "usage": {"sandbox_seconds": self.sandbox_seconds},
         }
 
 

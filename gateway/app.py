@@ -14,11 +14,13 @@ from opentelemetry import trace
 from bulkhead import telemetry
 from bulkhead.db import Database
 from bulkhead.errors import BulkheadError, TooLarge
-from gateway import errors, routes
+from bulkhead.vmhost_api import VmhostClient
+from gateway import errors, routes, sandbox_routes
 from gateway.batcher import JobBatcher
-from gateway.context import DB, JOBS, KEY, KEYS, REDIS, SETTINGS
+from gateway.context import DB, JOBS, KEY, KEYS, REDIS, SANDBOXES, SETTINGS
 from gateway.jobs import JobService
 from gateway.keycache import KeyCache
+from gateway.sandboxes import SandboxService
 from gateway.settings import GatewaySettings
 from gateway.subscriber import Subscriber
 from gateway.waiter import JobWaiter
@@ -107,6 +109,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
     routes.add_routes(app)
+    sandbox_routes.add_routes(app)
     return app
 
 
@@ -127,7 +130,11 @@ async def _resources(app: web.Application):  # type: ignore[no-untyped-def]
     batcher = JobBatcher(db)
     await batcher.start()
     app[JOBS] = JobService(settings, db, redis, waiter, batcher)
+    vmhosts = VmhostClient(settings.vmhost_urls, settings.vmhost_token or "")
+    await vmhosts.start()
+    app[SANDBOXES] = SandboxService(settings, db, redis, vmhosts)
     yield
+    await vmhosts.close()
     await batcher.close()
     await subscriber.close()
     await redis.aclose()

@@ -9,6 +9,7 @@ from bulkhead.db import Database
 from bulkhead.models import ApiKey
 from gateway.jobs import JobService
 from gateway.keycache import KeyCache
+from gateway.sandboxes import SandboxService
 from gateway.settings import GatewaySettings
 
 SETTINGS = web.AppKey("settings", GatewaySettings)
@@ -17,3 +18,4 @@ REDIS = web.AppKey("redis", ArqRedis)
 JOBS = web.AppKey("jobs", JobService)
 KEY = web.RequestKey("api_key", ApiKey)
 KEYS = web.AppKey("keys", KeyCache)
+SANDBOXES = web.AppKey("sandboxes", SandboxService)

@@ -121,6 +121,23 @@ class JobCreate(Strict):
         return code + sum(f.size() for f in self.files)
 
 
+class SandboxCreate(Strict):
+    template: str = Field(default="base", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    timeout_s: float | None = Field(default=None, gt=0)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=50)
+    env: dict[str, str] = Field(default_factory=dict, max_length=100)
+    limits: Limits | None = None  # None: the template's defaults
+    network: bool = False
+    isolation: Literal["namespace", "microvm"] = "namespace"
+
+    _env = field_validator("env")(JobCreate._env_names.__func__)  # type: ignore[attr-defined]
+    _meta = field_validator("metadata")(JobCreate._metadata.__func__)  # type: ignore[attr-defined]
+
+
+class SandboxTimeout(Strict):
+    timeout_s: float = Field(gt=0)
+
+
 class KeyCreate(Strict):
     name: str = Field(min_length=1, max_length=200)
     plan: str = "free"

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from billing.plans import Plans
-from bulkhead.settings import CommonSettings, env_float, env_int, env_opt, env_str
+from bulkhead.settings import CommonSettings, env_float, env_int, env_list, env_opt, env_str
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,10 @@ class GatewaySettings:
     default_timeout_s: float
     max_timeout_s: float
     plans: Plans
+    vmhost_urls: list[str]  # where held-open sandboxes are created (round robin)
+    vmhost_token: str | None
+    sandbox_timeout_s: float  # default lifetime of a held-open sandbox
+    meter_event_name: str  # Stripe meter of the usage rows this process writes
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -37,4 +41,8 @@ class GatewaySettings:
             default_timeout_s=env_float(env, "DEFAULT_TIMEOUT_S", 60.0),
             max_timeout_s=env_float(env, "MAX_TIMEOUT_S", 86400.0),
             plans=Plans.from_env(env),
+            vmhost_urls=env_list(env, "VMHOST_URLS", ["http://127.0.0.1:8700"]),
+            vmhost_token=env_opt(env, "VMHOST_TOKEN"),
+            sandbox_timeout_s=env_float(env, "SANDBOX_TIMEOUT_S", 300.0),
+            meter_event_name=env_str(env, "STRIPE_METER_EVENT_NAME", "bulkhead_sandbox_seconds"),
         )

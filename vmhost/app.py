@@ -4,6 +4,7 @@
     GET    /v1/info                 driver, drivers, languages, cgroups, active_runs
     POST   /v1/runs                 NDJSON stream: started, stdout/stderr..., result
     DELETE /v1/runs/{run_id}        cancel a run (204; 404 not_found)
+    /v1/sandboxes...                held-open sandboxes (see vmhost/sandbox_routes.py)
 
 Every /v1 route needs ``Authorization: Bearer <BULKHEAD_VMHOST_TOKEN>``.
 """
@@ -23,10 +24,12 @@ from typing import Any
 from aiohttp import web
 from opentelemetry import propagate, trace
 
+from vmhost import sandbox_routes
 from vmhost.drivers import Driver, select_driver
 from vmhost.drivers.base import isoformat
 from vmhost.errors import InvalidRequest, NotFound, Unauthorized, VmhostError
 from vmhost.registry import RunRegistry
+from vmhost.sandboxes.manager import SandboxManager
 from vmhost.schema import parse_run_request
 from vmhost.settings import VmhostSettings
 
@@ -97,6 +100,7 @@ async def info(request: web.Request) -> web.Response:
             "languages": driver.languages(),
             "cgroups": driver.cgroups,
             "active_runs": len(request.app[RUNS]),
+            "active_sandboxes": request.app[sandbox_routes.SANDBOXES].running,
             "warm_pool_ready": driver.warm_ready(),
         }
     )
@@ -145,6 +149,9 @@ def create_app(settings: VmhostSettings, driver: Driver | None = None) -> web.Ap
     app[DRIVER] = driver if driver is not None else select_driver(settings)
     app[RUNS] = RunRegistry(settings.max_runs)
     app[TRACER] = trace.get_tracer("bulkhead.vmhost")
+    app[sandbox_routes.CONFIG] = settings
+    app[sandbox_routes.SANDBOXES] = SandboxManager(app[DRIVER], settings.max_sandboxes)
+    sandbox_routes.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/info", info)
     app.router.add_post("/v1/runs", create_run)
@@ -157,6 +164,7 @@ def create_app(settings: VmhostSettings, driver: Driver | None = None) -> web.Ap
 
     async def shutdown(app: web.Application) -> None:
         app[RUNS].cancel_all()
+        await app[sandbox_routes.SANDBOXES].close()
         await app[DRIVER].close()
 
     app.on_shutdown.append(shutdown)

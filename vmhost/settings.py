@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bulkhead.settings import SettingsError, env_int, env_opt, env_str
 from vmhost.errors import ConfigError
+from vmhost.images.pyenv import default_image_dir
 
 DRIVERS = ("auto", "bwrap", "qemu")
 MIB = 1024 * 1024
@@ -40,6 +41,10 @@ class VmhostSettings:
     pool_size: int  # prestarted sandboxes kept ready (default limits, no network)
     python_path: str | None
     node_path: str | None
+    image_dir: Path  # built template artifacts (bwrap environments, microVM images)
+    max_sandboxes: int  # held-open sandboxes on this vmhost
+    command_buffer_bytes: int  # output kept per sandbox command for replay
+    max_upload_bytes: int  # one file written through the files API
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> VmhostSettings:
@@ -78,6 +83,10 @@ class VmhostSettings:
             pool_size=env_int(env, "SANDBOX_POOL", 2),
             python_path=env_opt(env, "SANDBOX_PYTHON"),
             node_path=env_opt(env, "SANDBOX_NODE"),
+            image_dir=default_image_dir(dict(env)),
+            max_sandboxes=env_int(env, "VMHOST_MAX_SANDBOXES", 64),
+            command_buffer_bytes=env_int(env, "COMMAND_BUFFER_MB", 16) * MIB,
+            max_upload_bytes=env_int(env, "SANDBOX_MAX_UPLOAD_MB", 100) * MIB,
         )
         for name in ("max_runs", "default_memory_mb", "default_vcpus", "pids_max", "nofile"):
             if getattr(settings, name) < 1:

@@ -24,9 +24,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from billing.metering import MeterSender
 from bulkhead import queue, telemetry
 from bulkhead.db import Database
+from bulkhead.vmhost_api import VmhostClient
 from workers.billing_crons import enforce_quotas, flush_usage
 from workers.reconcile import reconcile_jobs
 from workers.runner import Deps, run_job
+from workers.sandbox_reaper import reap_sandboxes
 from workers.settings import WorkerSettings
 from workers.vmhost_client import VmhostPool
 from workers.webhooks import WebhookSender, deliver_webhook
@@ -94,6 +96,9 @@ def build_worker(settings: WorkerSettings) -> WakeableWorker:
         await sender.start()
         ctx["deps"] = Deps(settings=settings, db=db, redis=ctx["redis"], vmhosts=vmhosts)
         ctx["webhooks"] = sender
+        sandbox_vmhosts = VmhostClient(settings.vmhost_urls, settings.vmhost_token)
+        await sandbox_vmhosts.start()
+        ctx["sandbox_vmhosts"] = sandbox_vmhosts
         if settings.stripe.api_key is not None:
             ctx["meter_sender"] = MeterSender(settings.stripe)
         log.info("worker ready: vmhosts %s", ", ".join(settings.vmhost_urls))
@@ -103,6 +108,9 @@ def build_worker(settings: WorkerSettings) -> WakeableWorker:
         if deps is not None:
             await deps.vmhosts.close()
             await deps.db.close()
+        sandbox_vmhosts: VmhostClient | None = ctx.get("sandbox_vmhosts")
+        if sandbox_vmhosts is not None:
+            await sandbox_vmhosts.close()
         sender: WebhookSender | None = ctx.get("webhooks")
         if sender is not None:
             await sender.close()
@@ -116,6 +124,15 @@ def build_worker(settings: WorkerSettings) -> WakeableWorker:
         cron_jobs=[
             cron(fn, second=set(range(0, 60, every)), unique=True, timeout=300, run_at_startup=True)
             for fn in (reconcile_jobs, enforce_quotas, flush_usage)
+        ]
+        + [
+            cron(
+                reap_sandboxes,
+                second=set(range(0, 60, settings.reap_every_s)),
+                unique=True,
+                timeout=300,
+                run_at_startup=True,
+            )
         ],
         redis_settings=RedisSettings.from_dsn(settings.common.redis_url),
         queue_name=settings.common.queue_name,

@@ -38,6 +38,7 @@ class WorkerSettings:
     webhook_timeout_s: float
     webhook_allow_private: bool
     reconcile_every_s: int
+    reap_every_s: int  # the held-open sandbox reaper's period
     plans: Plans
     stripe: StripeSettings
 
@@ -53,8 +54,10 @@ class WorkerSettings:
         except ValueError as exc:
             raise SettingsError("BULKHEAD_WEBHOOK_SCHEDULE is a comma list of seconds") from exc
         every = env_int(env, "RECONCILE_EVERY_S", 5)
-        if not 1 <= every <= 60 or 60 % every:
-            raise SettingsError("BULKHEAD_RECONCILE_EVERY_S must divide 60")
+        reap_every = env_int(env, "REAP_EVERY_S", 1)
+        for name, value in (("RECONCILE_EVERY_S", every), ("REAP_EVERY_S", reap_every)):
+            if not 1 <= value <= 60 or 60 % value:
+                raise SettingsError(f"BULKHEAD_{name} must divide 60")
         return cls(
             common=CommonSettings.from_env(env),
             vmhost_urls=env_list(env, "VMHOST_URLS", ["http://127.0.0.1:8700"]),
@@ -69,6 +72,7 @@ class WorkerSettings:
             webhook_timeout_s=env_float(env, "WEBHOOK_TIMEOUT_S", 10.0),
             webhook_allow_private=env_bool(env, "WEBHOOK_ALLOW_PRIVATE", False),
             reconcile_every_s=every,
+            reap_every_s=reap_every,
             plans=Plans.from_env(env),
             stripe=StripeSettings(
                 api_key=env_opt(env, "STRIPE_API_KEY"),

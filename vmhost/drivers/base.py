@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from vmhost.errors import RunError
+from vmhost.errors import RunError, SandboxError
+from vmhost.guest.channel import GuestChannel
 
 LANGUAGES = ("python", "bash", "javascript")
 TERMINATION_REASONS = ("exit", "timeout", "oom", "output_limit", "canceled", "internal_error")
@@ -36,6 +38,39 @@ class RunSpec:
     network: bool
     template: str
     max_output_bytes: int
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """A sandbox held open for commands, files and code (the run-many counterpart of RunSpec)."""
+
+    sandbox_id: str
+    template: str
+    env: dict[str, str]
+    vcpus: int
+    memory_mb: int
+    network: bool
+    lifetime_s: float  # the hard ceiling; the control plane ends it earlier
+
+
+@dataclass
+class OpenSandbox:
+    """What a driver hands over for a held-open sandbox: a live agent and how to end it.
+
+    ``env`` is the base environment of processes in the sandbox; ``interpreters`` maps a
+    code-interpreter language to the argv prefix that starts its kernel (absent when the
+    template has no such runtime).
+    """
+
+    channel: GuestChannel
+    driver: str
+    env: dict[str, str]
+    home: str
+    interpreters: dict[str, list[str]]
+    kill: Callable[[], None]
+    cleanup: Callable[[], Awaitable[None]]
+    alive: Callable[[], bool]
+    oom_killed: Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -119,6 +154,10 @@ class Driver(ABC):
         """Run one job to its end. Must kill and clean up everything it started on every
         path, including cancellation of the calling task. Raises RunError for runs that
         cannot be carried out."""
+
+    async def open(self, spec: SandboxSpec) -> OpenSandbox:
+        """Start a sandbox that stays up for many commands until ``cleanup`` is awaited."""
+        raise SandboxError(f"the {self.name} driver cannot hold sandboxes open")
 
     def warm_ready(self) -> int:
         """Prestarted sandboxes waiting for a run (0 for drivers without a pool)."""

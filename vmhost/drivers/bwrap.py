@@ -21,7 +21,16 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from vmhost.drivers.base import Driver, Outcome, Probe, RunSink, RunSpec
+from vmhost.drivers.base import (
+    Driver,
+    FileSpec,
+    OpenSandbox,
+    Outcome,
+    Probe,
+    RunSink,
+    RunSpec,
+    SandboxSpec,
+)
 from vmhost.drivers.capture import OutputCapture
 from vmhost.drivers.cgroups import Cgroups, RunCgroup
 from vmhost.drivers.layout import GUEST_MOUNT, HOME, RunDir, SandboxLayout
@@ -31,7 +40,9 @@ from vmhost.drivers.warm_pool import WarmPool
 from vmhost.errors import LanguageUnavailable, ProtocolError, RunError, SandboxError
 from vmhost.guest.channel import GuestChannel
 from vmhost.guest.protocol import b64decode, b64encode
+from vmhost.images.pyenv import find_pyenv, pyenv_env, pyenv_files
 from vmhost.settings import VmhostSettings
+from vmhost.templates import load_template
 
 log = logging.getLogger("vmhost.bwrap")
 
@@ -193,11 +204,11 @@ class BwrapDriver(Driver):
 
     async def _start_sandbox(
         self, sandbox: SandboxProcess, run_dir: RunDir, network: bool, memory_mb: int,
-        timeout_s: float, vcpus: int,
+        timeout_s: float, vcpus: int, binds: tuple[str, ...] = (),
     ) -> GuestChannel:  # fmt: skip
         assert self.layout is not None
         proc = await sandbox.spawn(
-            self._args(network, memory_mb, self.layout, run_dir),
+            self._args(network, memory_mb, self.layout, run_dir, binds),
             AGENT_ENV,
             str(run_dir.root),
             self._rlimits(timeout_s, vcpus),
@@ -208,17 +219,21 @@ class BwrapDriver(Driver):
         await channel.handshake()
         return channel
 
-    async def _prestart(self) -> Prestarted:
+    async def _prestart(
+        self, memory_mb: int | None = None, vcpus: int | None = None, network: bool = False,
+        binds: tuple[str, ...] = (), files: tuple[FileSpec, ...] = (),
+    ) -> Prestarted:  # fmt: skip
         assert self.layout is not None
-        memory_mb, vcpus = self.settings.default_memory_mb, self.settings.default_vcpus
-        run_dir = self.layout.create_run_dir((), {})
+        memory_mb = memory_mb or self.settings.default_memory_mb
+        vcpus = vcpus or self.settings.default_vcpus
+        run_dir = self.layout.create_run_dir(files, {})
         cgroup: RunCgroup | None = None
         sandbox: SandboxProcess | None = None
         try:
             cgroup = self._new_cgroup(memory_mb, vcpus)
             sandbox = SandboxProcess(cgroup, self.creds)
             channel = await self._start_sandbox(
-                sandbox, run_dir, False, memory_mb, POOL_CPU_S, vcpus
+                sandbox, run_dir, network, memory_mb, POOL_CPU_S, vcpus, binds
             )
         except BaseException:
             await asyncio.shield(self._cleanup(sandbox, cgroup, run_dir))
@@ -228,6 +243,60 @@ class BwrapDriver(Driver):
     async def _discard(self, item: Prestarted) -> None:
         item.sandbox.kill()
         await self._cleanup(item.sandbox, item.cgroup, item.run_dir)
+
+    # --- held-open sandboxes ------------------------------------------------------
+    async def open(self, spec: SandboxSpec) -> OpenSandbox:
+        if self.layout is None:
+            raise SandboxError(f"the bwrap driver is unavailable: {self._probe.reason}")
+        if spec.network:
+            self.network.require()
+        template = load_template(spec.template)
+        env = {**BASE_ENV, **spec.env}
+        assert self.python is not None
+        interpreters = {"python": [self.python, "-u", f"{GUEST_MOUNT}/kernel.py"]}
+        if self.node is not None:
+            interpreters["javascript"] = [self.node, f"{GUEST_MOUNT}/kernel.js"]
+        binds: tuple[str, ...] = ()
+        files: tuple[FileSpec, ...] = ()
+        if template.has_pip_env:
+            pyenv = find_pyenv(template, self.settings.image_dir)
+            if pyenv is None:
+                raise SandboxError(
+                    f"template {template.name!r} is not built on this vmhost: run "
+                    f"`bulkhead image build --template {template.name}`",
+                    "template_not_built",
+                )
+            binds = (str(pyenv),)  # mounted at its own path: its scripts name that path
+            env.update(pyenv_env(pyenv, spec.env))
+            files = pyenv_files(pyenv)
+            interpreters["python"] = [f"{pyenv}/bin/python3", "-u", f"{GUEST_MOUNT}/kernel.py"]
+        poolable = (
+            template.name == "base"
+            and not spec.network
+            and spec.memory_mb == self.settings.default_memory_mb
+            and spec.vcpus == self.settings.default_vcpus
+        )
+        item = self.pool.take() if self.pool is not None and poolable else None
+        if item is None:
+            item = await self._prestart(spec.memory_mb, spec.vcpus, spec.network, binds, files)
+        elif self.pool is not None:
+            self.pool.start()  # refill
+        held = item
+
+        async def cleanup() -> None:
+            await asyncio.shield(self._cleanup(held.sandbox, held.cgroup, held.run_dir))
+
+        return OpenSandbox(
+            channel=held.channel,
+            driver=self.name,
+            env=env,
+            home=HOME,
+            interpreters=interpreters,
+            kill=held.sandbox.kill,
+            cleanup=cleanup,
+            alive=held.alive,
+            oom_killed=lambda: held.cgroup is not None and held.cgroup.oom_killed(),
+        )
 
     # --- one run -------------------------------------------------------------
     def _command(self, spec: RunSpec) -> tuple[list[str], dict[str, bytes]]:
@@ -253,13 +322,16 @@ class BwrapDriver(Driver):
         ]
 
     def _args(
-        self, network: bool, memory_mb: int, layout: SandboxLayout, run_dir: RunDir
-    ) -> list[str]:
+        self, network: bool, memory_mb: int, layout: SandboxLayout, run_dir: RunDir,
+        binds: tuple[str, ...] = (),
+    ) -> list[str]:  # fmt: skip
         assert self.python is not None
         etc = layout.etc_net if network else layout.etc
         tmp_bytes = min(self.settings.tmp_size_mb, memory_mb) * 1024 * 1024
+        extra = [arg for path in binds for arg in ("--ro-bind", path, path)]
         return [
             *self._prefix,
+            *extra,
             "--ro-bind", str(etc), "/etc",
             "--size", str(tmp_bytes), "--perms", "1777", "--tmpfs", "/tmp",
             "--bind", str(run_dir.home), HOME, "--chdir", HOME,

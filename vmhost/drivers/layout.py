@@ -5,7 +5,8 @@ Built once at startup under the work dir: a per-instance directory holding the g
 run: a private directory whose ``home`` becomes the sandbox's ``/home/user``.
 
     <work_dir>/                 0711 root
-      inst-<pid>-<hex>/         0755: etc/, etc-net/, guest/agent.py   (read-only binds)
+      inst-<pid>-<hex>/         0755: etc/, etc-net/, guest/{agent,kernel}.py, guest/kernel.js
+                                (read-only binds)
       run-<pid>-<hex>/          0711 root
         home/                   0700 sandbox uid: the job's files and main.<ext>
 """
@@ -23,7 +24,8 @@ from pathlib import Path
 from vmhost.drivers.base import FileSpec
 from vmhost.errors import ConfigError, RunError
 
-AGENT_SOURCE = Path(__file__).resolve().parent.parent / "guest" / "agent.py"
+GUEST_SOURCES = Path(__file__).resolve().parent.parent / "guest"
+GUEST_FILES = ("agent.py", "kernel.py", "kernel.js")  # the agent and the code kernels
 GUEST_MOUNT = "/opt/bulkhead/guest"
 HOME = "/home/user"
 COPIED_ETC = (
@@ -90,8 +92,11 @@ class SandboxLayout:
         self.etc_net = self._build_etc("etc-net", resolv=f"nameserver {SLIRP_DNS}\n")
         self.guest = self.instance / "guest"
         self.guest.mkdir(mode=0o755)
-        shutil.copyfile(AGENT_SOURCE, self.guest / "agent.py")
-        (self.guest / "agent.py").chmod(0o644)
+        for name in GUEST_FILES:
+            if name != "agent.py" and not (GUEST_SOURCES / name).exists():
+                continue  # a kernel missing from this install: its contexts fail to start
+            shutil.copyfile(GUEST_SOURCES / name, self.guest / name)
+            (self.guest / name).chmod(0o644)
 
     def precompile_agent(self, python: str) -> bool:
         """Compile the agent with the sandbox's interpreter so each start loads bytecode.

@@ -50,8 +50,14 @@ REQUESTS: dict[str, dict[str, tuple[bool, tuple[type, ...]]]] = {
     },
     "stdin": {"data": (False, (STR, NONE)), "eof": (False, (BOOL,))},
     "signal": {"signal": (True, (INT,))},
-    "write_file": {"path": (True, (STR,)), "data": (True, (STR,)), "mode": (False, (INT, NONE))},
-    "read_file": {"path": (True, (STR,))},
+    "write_file": {
+        "path": (True, (STR,)),
+        "data": (True, (STR,)),
+        "mode": (False, (INT, NONE)),
+        "append": (False, (BOOL,)),
+    },
+    "read_file": {"path": (True, (STR,)), "offset": (False, (INT,)), "length": (False, (INT,))},
+    "move": {"source": (True, (STR,)), "destination": (True, (STR,))},
     "list_dir": {"path": (True, (STR,))},
     "stat": {"path": (True, (STR,))},
     "remove": {"path": (True, (STR,)), "recursive": (False, (BOOL,))},
@@ -488,9 +494,8 @@ def _stat_dict(path: str, name: str | None = None) -> dict[str, Any]:
 def op_write_file(frame: dict[str, Any], frame_id: str) -> dict[str, Any]:
     data = b64decode(frame["data"], frame_id)
     mode = frame.get("mode")
-    fd = os.open(
-        frame["path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644 if mode is None else mode
-    )
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if frame.get("append") else os.O_TRUNC)
+    fd = os.open(frame["path"], flags, 0o644 if mode is None else mode)
     try:
         view = memoryview(data)
         while view:
@@ -504,6 +509,14 @@ def op_write_file(frame: dict[str, Any], frame_id: str) -> dict[str, Any]:
 
 def op_read_file(frame: dict[str, Any], frame_id: str) -> dict[str, Any]:
     path = frame["path"]
+    if "offset" in frame or "length" in frame:  # one chunk of a file of any size
+        offset, length = frame.get("offset", 0), frame.get("length", MAX_READ_FILE)
+        if offset < 0 or not 0 <= length <= MAX_READ_FILE:
+            raise ProtocolError("invalid_field", "offset or length out of range", frame_id)
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(length)
+        return {"data": b64encode(data), "eof": len(data) < length}
     if os.stat(path).st_size > MAX_READ_FILE:
         raise ProtocolError("too_large", f"file is larger than {MAX_READ_FILE} bytes", frame_id)
     with open(path, "rb") as handle:
@@ -544,6 +557,14 @@ def op_remove(frame: dict[str, Any], frame_id: str) -> dict[str, Any]:
     return {}
 
 
+def op_move(frame: dict[str, Any], frame_id: str) -> dict[str, Any]:
+    destination = frame["destination"]
+    if os.path.lexists(destination):
+        raise ProtocolError("exists", f"move: {destination} already exists", frame_id)
+    os.rename(frame["source"], destination)
+    return {}
+
+
 def op_mkdir(frame: dict[str, Any], frame_id: str) -> dict[str, Any]:
     mode = frame.get("mode")
     mode = 0o755 if mode is None else mode
@@ -561,6 +582,7 @@ FILE_OPS = {
     "stat": op_stat,
     "remove": op_remove,
     "mkdir": op_mkdir,
+    "move": op_move,
 }
 
 

@@ -38,6 +38,7 @@ GUEST_FRAMES: dict[str, dict[str, tuple[bool, tuple[type, ...]]]] = {
     "ok": {
         "id": (True, (str,)),
         "data": (False, (str,)),
+        "eof": (False, (bool,)),
         "entries": (False, (list,)),
         "stat": (False, (dict,)),
     },
