@@ -29,6 +29,7 @@ SCHEMA_VERSION = 3  # 3: the sandboxes table (created by create_all)
 # (create_all makes them); new columns of existing tables do.
 MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE jobs ADD COLUMN cancel_reason VARCHAR"],
+    3: ["ALTER TABLE jobs ADD COLUMN isolation VARCHAR NOT NULL DEFAULT 'namespace'"],
 }
 
 

@@ -105,6 +105,7 @@ class Job(SQLModel, table=True):
     memory_mb: int = 512
     template: str = "base"
     network: bool = False
+    isolation: str = "namespace"  # namespace (bwrap) | microvm (qemu)
     callback_url: str | None = None
     job_metadata: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON))
     idempotency_key: str | None = None
@@ -144,6 +145,7 @@ class Job(SQLModel, table=True):
             "command": self.command,
             "template": self.template,
             "network": self.network,
+            "isolation": self.isolation,
             "timeout_s": self.timeout_s,
             "limits": {"vcpus": self.vcpus, "memory_mb": self.memory_mb},
             "exit_code": self.exit_code,

@@ -22,10 +22,11 @@ CONTROL_TIMEOUT_S = 120.0  # create (a cold microVM start) and end (cleanup)
 
 
 class VmhostDown(Exception):
-    def __init__(self, url: str, message: str) -> None:
+    def __init__(self, url: str, message: str, code: str = "vmhost_unavailable") -> None:
         super().__init__(f"{url}: {message}")
         self.url = url
         self.message = message
+        self.code = code  # the vmhost's own error code when it answered one
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class VmhostClient:
                     body = {}
                 if resp.status >= 500:
                     error = VmhostReply(resp.status, body).error
-                    raise VmhostDown(url, f"HTTP {resp.status}: {error['message']}")
+                    raise VmhostDown(url, f"HTTP {resp.status}: {error['message']}", error["code"])
                 return VmhostReply(resp.status, body if isinstance(body, dict) else {})
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise VmhostDown(url, f"unreachable: {exc or type(exc).__name__}") from exc

@@ -100,6 +100,7 @@ class JobService:
             memory_mb=req.limits.memory_mb,
             template=req.template,
             network=req.network,
+            isolation=req.isolation,
             callback_url=req.callback_url,
             job_metadata=req.metadata,
             idempotency_key=idempotency_key,

@@ -145,14 +145,15 @@ class SandboxService:
             "network": row.network,
             "lifetime_s": max(lifetime_s, 1.0),
         }
-        if row.isolation != "namespace":
-            body["isolation"] = row.isolation
+        body["isolation"] = row.isolation
         failures: list[str] = []
+        code = "sandbox_unavailable"
         for url in self.vmhosts.candidates():
             try:
                 reply = await self.vmhosts.call("POST", url, "/v1/sandboxes", json=body)
             except VmhostDown as exc:
                 failures.append(exc.message if len(self.vmhosts.urls) == 1 else str(exc))
+                code = exc.code if exc.code != "vmhost_error" else code
                 continue
             if not reply.ok:
                 await self._fail(row, f"{reply.error['code']}: {reply.error['message']}")
@@ -160,7 +161,7 @@ class SandboxService:
             return await self._mark_running(row, url, reply.body)
         message = "; ".join(failures) or "no vmhost answered"
         await self._fail(row, f"the sandbox could not be started: {message}")
-        raise Unavailable(f"the sandbox could not be started: {message}", "sandbox_unavailable")
+        raise Unavailable(f"the sandbox could not be started: {message}", code)
 
     async def _mark_running(self, row: Sandbox, url: str, info: dict[str, Any]) -> Sandbox:
         async with self.db.session() as session:

@@ -72,6 +72,7 @@ class JobCreate(Strict):
     limits: Limits = Field(default_factory=Limits)
     template: str = "base"
     network: bool = False
+    isolation: Literal["namespace", "microvm"] = "namespace"
     callback_url: str | None = Field(default=None, max_length=2048)
     metadata: dict[str, str] = Field(default_factory=dict, max_length=50)
 

@@ -150,7 +150,8 @@ def create_app(settings: VmhostSettings, driver: Driver | None = None) -> web.Ap
     app[RUNS] = RunRegistry(settings.max_runs)
     app[TRACER] = trace.get_tracer("bulkhead.vmhost")
     app[sandbox_routes.CONFIG] = settings
-    app[sandbox_routes.SANDBOXES] = SandboxManager(app[DRIVER], settings.max_sandboxes)
+    drivers = {"namespace": app[DRIVER]} if app[DRIVER].name == "bwrap" else {}
+    app[sandbox_routes.SANDBOXES] = SandboxManager(drivers, settings.max_sandboxes)
     sandbox_routes.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/info", info)

@@ -5,6 +5,7 @@ human ``message``. HTTP handlers turn them into ``{"error": {"code", "message"}}
 
     VmhostError                      base; code "internal_error", HTTP 500
     ├── ConfigError                  bad settings or no usable driver at startup ("invalid_config")
+    ├── ImageError                   a microVM image cannot be built or found ("image_error")
     ├── RequestError                 the HTTP request cannot be served as sent
     │   ├── Unauthorized             401 "unauthorized"
     │   ├── InvalidRequest           422 "invalid_request" (bad JSON, unknown/mistyped fields)
@@ -16,6 +17,8 @@ human ``message``. HTTP handlers turn them into ``{"error": {"code", "message"}}
         │                            result line with termination_reason "internal_error"
         ├── LanguageUnavailable      "language_unavailable" (interpreter missing)
         ├── NetworkUnavailable       "network_unavailable" (network requested, no slirp4netns)
+        ├── NetworkUnsupported       "network_unsupported" (network requested from a driver
+        │                            without networking: qemu)
         ├── SandboxError             "sandbox_error" (the sandbox could not be set up)
         └── ProtocolError            "protocol_error" / "agent_exited" (guest misbehaved or died)
 """
@@ -39,6 +42,10 @@ class VmhostError(Exception):
 
 class ConfigError(VmhostError):
     code = "invalid_config"
+
+
+class ImageError(VmhostError):
+    code = "image_error"
 
 
 class RequestError(VmhostError):
@@ -87,8 +94,13 @@ class NetworkUnavailable(RunError):
     code = "network_unavailable"
 
 
+class NetworkUnsupported(RunError):
+    code = "network_unsupported"
+
+
 class SandboxError(RunError):
     code = "sandbox_error"
+    http_status = 503  # the vmhost cannot provide the sandbox now (e.g. template_not_built)
 
 
 class ProtocolError(RunError):

@@ -166,7 +166,7 @@ async def read_file(request: web.Request) -> web.StreamResponse:
     held = _held(request)
     chunks = held.files.read(_path(request))
     first = await anext(chunks, b"")  # errors (404, not a file) before the 200 is sent
-    info = await held.files.stat(_path(request))
+    info = await held.files.stat(_path(request), follow=True)
     response = web.StreamResponse(
         headers={"Content-Type": "application/octet-stream", "Content-Length": str(info["size"])}
     )

@@ -13,7 +13,15 @@ from typing import Any
 
 from vmhost.drivers.base import SandboxSpec
 from vmhost.errors import ConfigError, InvalidRequest
-from vmhost.schema import MAX_MEMORY_MB, MAX_VCPUS, MIN_MEMORY_MB, _check_keys, _int, _string
+from vmhost.schema import (
+    MAX_MEMORY_MB,
+    MAX_VCPUS,
+    MIN_MEMORY_MB,
+    _check_keys,
+    _int,
+    _isolation,
+    _string,
+)
 from vmhost.settings import VmhostSettings
 from vmhost.templates import load_template
 
@@ -60,7 +68,7 @@ def _timeout(value: Any, name: str, high: float) -> float | None:
 
 
 def parse_sandbox(body: Any, settings: VmhostSettings) -> SandboxSpec:
-    fields = {"sandbox_id", "template", "env", "limits", "network", "lifetime_s"}
+    fields = {"sandbox_id", "template", "env", "limits", "network", "lifetime_s", "isolation"}
     body = _check_keys(body, fields, "the sandbox")
     sandbox_id = _string(body.get("sandbox_id"), "sandbox_id")
     if sandbox_id is None or not SANDBOX_ID.match(sandbox_id):
@@ -85,6 +93,7 @@ def parse_sandbox(body: Any, settings: VmhostSettings) -> SandboxSpec:
         ),
         network=_bool(body.get("network"), "network", False),
         lifetime_s=lifetime if lifetime else 86400.0,
+        isolation=_isolation(body.get("isolation")),
     )
 
 

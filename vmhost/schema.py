@@ -14,7 +14,7 @@ from vmhost.settings import VmhostSettings
 
 RUN_FIELDS = {
     "run_id", "language", "code", "command", "stdin", "env", "files", "timeout_s", "limits",
-    "network", "template", "max_output_bytes",
+    "network", "template", "max_output_bytes", "isolation",
 }  # fmt: skip
 LIMIT_FIELDS = {"vcpus", "memory_mb"}
 FILE_FIELDS = {"path", "content", "encoding"}
@@ -24,6 +24,7 @@ MAX_VCPUS = 64
 MIN_MEMORY_MB, MAX_MEMORY_MB = 16, 256 * 1024
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 HOME = "/home/user"
+ISOLATIONS = ("namespace", "microvm")
 
 
 def _check_keys(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
@@ -159,4 +160,13 @@ def parse_run_request(body: Any, settings: VmhostSettings) -> RunSpec:
         network=network,
         template=template,
         max_output_bytes=max_output,
+        isolation=_isolation(body.get("isolation")),
     )
+
+
+def _isolation(value: Any) -> str:
+    if value is None:
+        return "namespace"
+    if value not in ISOLATIONS:
+        raise InvalidRequest(f"isolation must be one of {', '.join(ISOLATIONS)}")
+    return str(value)

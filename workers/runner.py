@@ -74,6 +74,7 @@ def run_spec(job: Job, run_id: str, max_output_bytes: int, timeout_s: float) -> 
         "timeout_s": timeout_s,
         "limits": {"vcpus": job.vcpus, "memory_mb": job.memory_mb},
         "network": job.network,
+        "isolation": job.isolation,
         "template": job.template,
         "max_output_bytes": max_output_bytes,
     }

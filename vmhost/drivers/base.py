@@ -38,6 +38,7 @@ class RunSpec:
     network: bool
     template: str
     max_output_bytes: int
+    isolation: str = "namespace"  # namespace (bwrap) | microvm (qemu)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class SandboxSpec:
     memory_mb: int
     network: bool
     lifetime_s: float  # the hard ceiling; the control plane ends it earlier
+    isolation: str = "namespace"  # namespace (bwrap) | microvm (qemu)
 
 
 @dataclass

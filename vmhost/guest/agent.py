@@ -59,7 +59,7 @@ REQUESTS: dict[str, dict[str, tuple[bool, tuple[type, ...]]]] = {
     "read_file": {"path": (True, (STR,)), "offset": (False, (INT,)), "length": (False, (INT,))},
     "move": {"source": (True, (STR,)), "destination": (True, (STR,))},
     "list_dir": {"path": (True, (STR,))},
-    "stat": {"path": (True, (STR,))},
+    "stat": {"path": (True, (STR,)), "follow": (False, (BOOL,))},
     "remove": {"path": (True, (STR,)), "recursive": (False, (BOOL,))},
     "mkdir": {"path": (True, (STR,)), "parents": (False, (BOOL,)), "mode": (False, (INT, NONE))},
     "shutdown": {},
@@ -469,8 +469,8 @@ class Agent:
 
 
 # --- file operations -------------------------------------------------------
-def _stat_dict(path: str, name: str | None = None) -> dict[str, Any]:
-    st = os.lstat(path)
+def _stat_dict(path: str, name: str | None = None, follow: bool = False) -> dict[str, Any]:
+    st = os.stat(path) if follow else os.lstat(path)
     mode = st.st_mode
     if (mode & 0o170000) == 0o040000:
         kind = "dir"
@@ -533,7 +533,7 @@ def op_list_dir(frame: dict[str, Any], frame_id: str) -> dict[str, Any]:
 
 
 def op_stat(frame: dict[str, Any], frame_id: str) -> dict[str, Any]:
-    return {"stat": _stat_dict(frame["path"])}
+    return {"stat": _stat_dict(frame["path"], follow=frame.get("follow", False))}
 
 
 def _remove_tree(path: str) -> None:

@@ -63,8 +63,8 @@ class SandboxFiles:
         except GuestRequestError as exc:
             raise _translate(exc) from None
 
-    async def stat(self, path: str) -> dict[str, Any]:
-        reply = await self._call({"type": "stat", "path": self.resolve(path)})
+    async def stat(self, path: str, follow: bool = False) -> dict[str, Any]:
+        reply = await self._call({"type": "stat", "path": self.resolve(path), "follow": follow})
         info: dict[str, Any] = reply["stat"]
         return {"path": self.resolve(path), "name": posixpath.basename(self.resolve(path)), **info}
 
@@ -113,7 +113,7 @@ class SandboxFiles:
     async def read(self, path: str) -> AsyncIterator[bytes]:
         """The file's bytes in chunks (checked to be a regular file first)."""
         target = self.resolve(path)
-        info = await self.stat(path)
+        info = await self.stat(path, follow=True)
         if info["type"] != "file":
             raise FileError(422, "not_a_file", f"{target} is a {info['type']}, not a file")
         offset = 0

@@ -112,8 +112,9 @@ class HeldSandbox:
 
 
 class SandboxManager:
-    def __init__(self, driver: Driver, max_sandboxes: int) -> None:
-        self.driver = driver
+    def __init__(self, drivers: dict[str, Driver], max_sandboxes: int) -> None:
+        """``drivers`` maps an isolation (namespace, microvm) to the driver providing it."""
+        self.drivers = drivers
         self.max_sandboxes = max_sandboxes
         self.sandboxes: dict[str, HeldSandbox] = {}
         self._ended: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -134,9 +135,16 @@ class SandboxManager:
             raise RunExists(f"sandbox {spec.sandbox_id} is being created")
         if self.running + len(self._starting) >= self.max_sandboxes:
             raise Busy(f"this vmhost holds its maximum of {self.max_sandboxes} sandboxes")
+        driver = self.drivers.get(spec.isolation)
+        if driver is None:
+            raise InvalidRequest(
+                f"isolation {spec.isolation!r} is not available on this vmhost "
+                f"(available: {', '.join(sorted(self.drivers)) or 'none'}; see `bulkhead doctor`)",
+                "isolation_unavailable",
+            )
         self._starting.add(spec.sandbox_id)
         try:
-            opened = await self.driver.open(spec)
+            opened = await driver.open(spec)
         finally:
             self._starting.discard(spec.sandbox_id)
         session = GuestSession(opened.channel)
