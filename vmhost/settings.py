@@ -10,10 +10,19 @@ from pathlib import Path
 
 from bulkhead.settings import SettingsError, env_int, env_opt, env_str
 from vmhost.errors import ConfigError
-from vmhost.images.pyenv import default_image_dir
 
 DRIVERS = ("auto", "bwrap", "qemu")
 MIB = 1024 * 1024
+
+
+def default_image_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where built template artifacts live: BULKHEAD_IMAGE_DIR, else a per-user default."""
+    env = os.environ if env is None else env
+    if env.get("BULKHEAD_IMAGE_DIR"):
+        return Path(env["BULKHEAD_IMAGE_DIR"]).absolute()
+    if os.geteuid() == 0:
+        return Path("/var/lib/bulkhead/images")
+    return Path.home() / ".cache" / "bulkhead" / "images"
 
 
 def default_work_dir() -> Path:
@@ -83,7 +92,7 @@ class VmhostSettings:
             pool_size=env_int(env, "SANDBOX_POOL", 2),
             python_path=env_opt(env, "SANDBOX_PYTHON"),
             node_path=env_opt(env, "SANDBOX_NODE"),
-            image_dir=default_image_dir(dict(env)),
+            image_dir=default_image_dir(env),
             max_sandboxes=env_int(env, "VMHOST_MAX_SANDBOXES", 64),
             command_buffer_bytes=env_int(env, "COMMAND_BUFFER_MB", 16) * MIB,
             max_upload_bytes=env_int(env, "SANDBOX_MAX_UPLOAD_MB", 100) * MIB,

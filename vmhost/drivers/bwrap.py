@@ -60,6 +60,7 @@ BASE_ENV = {
 SOURCES = {"python": "main.py", "bash": "main.sh", "javascript": "main.js"}
 INLINE_STDIN = 1024 * 1024
 STDIN_CHUNK = 1024 * 1024
+POOL_REFILL_DELAY_S = 0.5  # after a held-open sandbox takes a prestarted one
 POOL_CPU_S = 86400.0  # a prestarted sandbox's CPU rlimit; the wall-clock timeout still applies
 # import (not run) the agent, so Python loads its precompiled bytecode
 AGENT_START = (
@@ -268,7 +269,7 @@ class BwrapDriver(Driver):
                 )
             binds = (str(pyenv),)  # mounted at its own path: its scripts name that path
             env.update(pyenv_env(pyenv, spec.env))
-            files = pyenv_files(pyenv)
+            files = tuple(FileSpec(path, data) for path, data in pyenv_files(pyenv))
             interpreters["python"] = [f"{pyenv}/bin/python3", "-u", f"{GUEST_MOUNT}/kernel.py"]
         poolable = (
             template.name == "base"
@@ -280,7 +281,7 @@ class BwrapDriver(Driver):
         if item is None:
             item = await self._prestart(spec.memory_mb, spec.vcpus, spec.network, binds, files)
         elif self.pool is not None:
-            self.pool.start()  # refill
+            self.pool.start_later(POOL_REFILL_DELAY_S)
         held = item
 
         async def cleanup() -> None:

@@ -51,6 +51,11 @@ class WarmPool(Generic[T]):
         if self.size > 0 and not self._closed and (self._filler is None or self._filler.done()):
             self._filler = asyncio.create_task(self._fill(), name="warm-pool-fill")
 
+    def start_later(self, delay_s: float) -> None:
+        """Refill after ``delay_s``: a sandbox just handed out gets the CPU for its first
+        commands instead of competing with a prestart (forks block the event loop)."""
+        asyncio.get_running_loop().call_later(delay_s, self.start)
+
     def take(self) -> T | None:
         """A live prestarted sandbox, or None when the pool is empty."""
         item: T | None = None

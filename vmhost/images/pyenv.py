@@ -21,20 +21,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from vmhost.drivers.base import FileSpec
 from vmhost.errors import ConfigError
 from vmhost.templates import Template
 
 PYTHON = "/usr/bin/python3"
-
-
-def default_image_dir(env: dict[str, str] | None = None) -> Path:
-    env = dict(os.environ) if env is None else env
-    if env.get("BULKHEAD_IMAGE_DIR"):
-        return Path(env["BULKHEAD_IMAGE_DIR"]).absolute()
-    if os.geteuid() == 0:
-        return Path("/var/lib/bulkhead/images")
-    return Path.home() / ".cache" / "bulkhead" / "images"
 
 
 def pyenv_path(template: Template, image_dir: Path) -> Path:
@@ -121,9 +111,10 @@ def pyenv_env(pyenv: Path, user_env: dict[str, str]) -> dict[str, str]:
     }
 
 
-def pyenv_files(pyenv: Path) -> tuple[FileSpec, ...]:
-    """Files to seed a sandbox home with: matplotlib's prebuilt font cache (writable copy)."""
-    return tuple(
-        FileSpec(f".config/matplotlib/{cache.name}", cache.read_bytes())
+def pyenv_files(pyenv: Path) -> list[tuple[str, bytes]]:
+    """Files (home-relative path, content) to seed a sandbox home with: matplotlib's
+    prebuilt font cache, as a writable copy."""
+    return [
+        (f".config/matplotlib/{cache.name}", cache.read_bytes())
         for cache in sorted((pyenv / "mplconfig").glob("*.json"))
-    )
+    ]
