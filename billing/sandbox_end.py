@@ -51,6 +51,7 @@ async def end_sandbox(
     error: str | None = None,
 ) -> Ended:
     """End ``sandbox`` with ``reason`` (raises the client's error if its vmhost is down)."""
+    reason = reason if reason in TERMINATION_REASONS else "internal_error"
     record: dict[str, Any] | None = None
     if sandbox.state != "ended" and sandbox.vmhost_url:
         record = await call_end(sandbox.vmhost_url, sandbox.id, reason)

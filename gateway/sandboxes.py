@@ -62,6 +62,8 @@ class SandboxService:
         timeout_s = req.timeout_s or self.settings.sandbox_timeout_s
         if timeout_s > MAX_LIFETIME_S:
             raise_invalid(f"timeout_s must be at most {MAX_LIFETIME_S:g} seconds (24 h)")
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+            raise_invalid("Idempotency-Key must be 1-255 characters")
         row = await self._admit(key, req, timeout_s, idempotency_key, body_hash)
         if row.state != "starting" or row.vmhost_url is not None:
             return row, False  # an idempotent repeat
