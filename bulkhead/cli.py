@@ -6,6 +6,8 @@ bulkhead keys create --name N [--plan P] [--stripe-customer cus_…] [--json]
 bulkhead keys list [--json] | revoke ID
 bulkhead usage [--key ID] [--month YYYY-MM]           usage table from the ledger
 bulkhead migrate                                  create or upgrade the database
+bulkhead image build [--template NAME]... [--all] [--for all|qemu|bwrap] | image list|prune
+bulkhead doctor                                   which sandbox drivers work here, and why not
 """
 
 from __future__ import annotations
@@ -185,6 +187,25 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    from vmhost.images import cli
+    from vmhost.settings import default_image_dir
+
+    image_dir = default_image_dir()
+    if args.image_cmd == "list":
+        return cli.show(image_dir)
+    if args.image_cmd == "prune":
+        return cli.prune(image_dir)
+    return cli.build(args.template or [], args.all, getattr(args, "for"), image_dir)
+
+
+def cmd_doctor(_args: argparse.Namespace) -> int:
+    from vmhost.doctor import main as doctor
+
+    logging.basicConfig(level=logging.ERROR)  # the report says it all; no driver warnings
+    return doctor()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bulkhead", description="Run untrusted code in sandboxes.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -222,6 +243,17 @@ def parser() -> argparse.ArgumentParser:
     use.add_argument("--key", default=None, help="one key id (default: every key)")
     use.add_argument("--month", default=None, help="YYYY-MM (default: this month, UTC)")
     use.set_defaults(fn=cmd_usage)
+
+    image = sub.add_parser("image", help="build and list sandbox template images")
+    isub = image.add_subparsers(dest="image_cmd", required=True)
+    build = isub.add_parser("build", help="build a template's microVM image and bwrap env")
+    build.add_argument("--template", action="append", help="template name (default: base)")
+    build.add_argument("--all", action="store_true", help="every template in infra/templates")
+    build.add_argument("--for", default="all", choices=("all", "qemu", "bwrap"))
+    isub.add_parser("list", help="list built microVM images")
+    isub.add_parser("prune", help="delete microVM images that are no template's current one")
+    image.set_defaults(fn=cmd_image)
+    sub.add_parser("doctor", help="which sandbox drivers work here").set_defaults(fn=cmd_doctor)
     return p
 
 

@@ -9,6 +9,14 @@ need_apt=()
 command -v bwrap >/dev/null || need_apt+=(bubblewrap)
 command -v slirp4netns >/dev/null || need_apt+=(slirp4netns)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
+# the qemu microVM driver and its image build (`bulkhead image build`); CI runs its tests
+if [ "$(id -u)" = 0 ]; then
+  command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+  command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+  command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
+  command -v lz4 >/dev/null || need_apt+=(lz4)
+  dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)
+fi
 
 pick_python() {
   for cand in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
@@ -27,7 +35,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]} with apt-get" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null
-    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   else
     echo "setup: please install these Debian/Ubuntu packages first: ${need_apt[*]}" >&2
     echo "       (e.g. sudo apt-get install ${need_apt[*]})" >&2
@@ -48,4 +56,18 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     exit 1
   fi
   touch "$stamp"
+fi
+
+# Template images (content-addressed: a no-op when up to date). The bwrap environments
+# (the code-interpreter's numpy/pandas/matplotlib virtualenv) are required; the microVM
+# images (kernel, initramfs, debootstrap rootfs: about two minutes the first time) need root
+# and are required in CI, elsewhere a failure only leaves isolation=microvm unavailable.
+.venv/bin/bulkhead image build --all --for bwrap
+if [ "$(id -u)" = 0 ]; then
+  if ! .venv/bin/bulkhead image build --all --for qemu; then
+    [ "${CI:-}" = true ] && exit 1
+    echo "setup: microVM images were not built (see above); bwrap sandboxes still work" >&2
+  fi
+else
+  echo "setup: not root: microVM images are not built (isolation=microvm unavailable)" >&2
 fi

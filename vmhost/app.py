@@ -25,7 +25,7 @@ from aiohttp import web
 from opentelemetry import propagate, trace
 
 from vmhost import sandbox_routes
-from vmhost.drivers import Driver, select_driver
+from vmhost.drivers import ISOLATIONS, Driver, Drivers, select_drivers
 from vmhost.drivers.base import isoformat
 from vmhost.errors import InvalidRequest, NotFound, Unauthorized, VmhostError
 from vmhost.registry import RunRegistry
@@ -36,7 +36,8 @@ from vmhost.settings import VmhostSettings
 log = logging.getLogger("vmhost.app")
 
 SETTINGS = web.AppKey("settings", VmhostSettings)
-DRIVER = web.AppKey("driver", Driver)
+DRIVER = web.AppKey("driver", Driver)  # the default driver
+DRIVERS = web.AppKey("drivers", Drivers)
 RUNS = web.AppKey("runs", RunRegistry)
 TRACER = web.AppKey("tracer", trace.Tracer)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -92,16 +93,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def info(request: web.Request) -> web.Response:
     driver = request.app[DRIVER]
-    probe = driver.probe()
+    drivers = request.app[DRIVERS]
     return web.json_response(
         {
             "driver": driver.name,
-            "drivers": {driver.name: {"available": probe.available, "reason": probe.reason}},
+            "drivers": drivers.describe(),
             "languages": driver.languages(),
             "cgroups": driver.cgroups,
             "active_runs": len(request.app[RUNS]),
             "active_sandboxes": request.app[sandbox_routes.SANDBOXES].running,
-            "warm_pool_ready": driver.warm_ready(),
+            "warm_pool_ready": sum(d.warm_ready() for d in drivers.values()),
         }
     )
 
@@ -112,6 +113,7 @@ async def create_run(request: web.Request) -> web.StreamResponse:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from exc
     spec = parse_run_request(body, request.app[SETTINGS])
+    driver = await _driver_for(request.app[DRIVERS], spec.isolation)
     runs = request.app[RUNS]
     cancel = runs.reserve(spec.run_id)
     context = propagate.extract(request.headers)
@@ -121,16 +123,28 @@ async def create_run(request: web.Request) -> web.StreamResponse:
             "vmhost.run",
             context=context,
             kind=trace.SpanKind.SERVER,
-            attributes={"bulkhead.run_id": spec.run_id, "bulkhead.driver": "bwrap"},
+            attributes={"bulkhead.run_id": spec.run_id, "bulkhead.driver": driver.name},
         ) as span:
             stream = NdjsonStream(request, spec.run_id)
-            result = await request.app[DRIVER].run(spec, stream, cancel)
+            result = await driver.run(spec, stream, cancel)
             span.set_attribute("bulkhead.termination_reason", result.outcome.termination_reason)
             await stream.send(result.to_dict())
             await stream.response.write_eof()
             return stream.response
     finally:
         runs.release(spec.run_id)
+
+
+async def _driver_for(drivers: Drivers, isolation: str) -> Driver:
+    try:
+        return await drivers.use(isolation)
+    except KeyError:
+        reason = drivers.reasons.get(isolation, "not configured")
+        raise InvalidRequest(
+            f"isolation {isolation!r} is not available on this vmhost: {reason} "
+            "(see `bulkhead doctor`)",
+            "isolation_unavailable",
+        ) from None
 
 
 async def delete_run(request: web.Request) -> web.Response:
@@ -146,12 +160,16 @@ def create_app(settings: VmhostSettings, driver: Driver | None = None) -> web.Ap
         middlewares=[errors_middleware], client_max_size=settings.max_request_bytes
     )
     app[SETTINGS] = settings
-    app[DRIVER] = driver if driver is not None else select_driver(settings)
+    if driver is not None:  # tests: exactly this driver
+        isolation = {name: iso for iso, name in ISOLATIONS.items()}.get(driver.name, "namespace")
+        app[DRIVERS] = Drivers({isolation: driver}, driver, {})
+    else:
+        app[DRIVERS] = select_drivers(settings)
+    app[DRIVER] = app[DRIVERS].default
     app[RUNS] = RunRegistry(settings.max_runs)
     app[TRACER] = trace.get_tracer("bulkhead.vmhost")
     app[sandbox_routes.CONFIG] = settings
-    drivers = {"namespace": app[DRIVER]} if app[DRIVER].name == "bwrap" else {}
-    app[sandbox_routes.SANDBOXES] = SandboxManager(drivers, settings.max_sandboxes)
+    app[sandbox_routes.SANDBOXES] = SandboxManager(app[DRIVERS], settings.max_sandboxes)
     sandbox_routes.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/info", info)
@@ -159,14 +177,14 @@ def create_app(settings: VmhostSettings, driver: Driver | None = None) -> web.Ap
     app.router.add_delete("/v1/runs/{run_id}", delete_run)
 
     async def startup(app: web.Application) -> None:
-        await app[DRIVER].start()
+        await app[DRIVERS].start()
 
     app.on_startup.append(startup)
 
     async def shutdown(app: web.Application) -> None:
         app[RUNS].cancel_all()
         await app[sandbox_routes.SANDBOXES].close()
-        await app[DRIVER].close()
+        await app[DRIVERS].close()
 
     app.on_shutdown.append(shutdown)
     return app

@@ -54,6 +54,7 @@ class VmhostSettings:
     max_sandboxes: int  # held-open sandboxes on this vmhost
     command_buffer_bytes: int  # output kept per sandbox command for replay
     max_upload_bytes: int  # one file written through the files API
+    qemu_pool_size: int = 1  # restored microVMs kept ready per template (BULKHEAD_QEMU_POOL)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> VmhostSettings:
@@ -96,12 +97,15 @@ class VmhostSettings:
             max_sandboxes=env_int(env, "VMHOST_MAX_SANDBOXES", 64),
             command_buffer_bytes=env_int(env, "COMMAND_BUFFER_MB", 16) * MIB,
             max_upload_bytes=env_int(env, "SANDBOX_MAX_UPLOAD_MB", 100) * MIB,
+            qemu_pool_size=env_int(env, "QEMU_POOL", 1),
         )
         for name in ("max_runs", "default_memory_mb", "default_vcpus", "pids_max", "nofile"):
             if getattr(settings, name) < 1:
                 raise ConfigError(f"vmhost setting {name} must be at least 1")
         if settings.pool_size < 0:
             raise ConfigError("BULKHEAD_SANDBOX_POOL must be 0 (off) or more")
+        if settings.qemu_pool_size < 0:
+            raise ConfigError("BULKHEAD_QEMU_POOL must be 0 (off) or more")
         if settings.max_output_bytes < 0 or settings.max_file_bytes < MIB:
             raise ConfigError("output and file size limits must be positive")
         return settings

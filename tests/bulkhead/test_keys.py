@@ -51,12 +51,13 @@ async def test_a_version_1_database_is_migrated(database_url: str) -> None:
     await old.migrate()
     async with old.session() as session:
         await session.execute(text("ALTER TABLE jobs DROP COLUMN cancel_reason"))
+        await session.execute(text("ALTER TABLE jobs DROP COLUMN isolation"))  # version 3
         await session.execute(text("UPDATE schema_version SET version = 1"))
         await session.commit()
     await old.close()
     db = Database(database_url)
     assert await db.migrate() == SCHEMA_VERSION
     async with db.read() as session:
-        await session.execute(text("SELECT cancel_reason FROM jobs"))
+        await session.execute(text("SELECT cancel_reason, isolation FROM jobs"))
     assert await db.migrate() == SCHEMA_VERSION  # idempotent
     await db.close()

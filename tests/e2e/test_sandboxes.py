@@ -38,7 +38,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     root = tmp_path_factory.mktemp("sandboxes")
     # the code-interpreter template's environment, built by the README's command (cached)
     subprocess.run(
-        [str(BIN), "image", "build", "--template", "code-interpreter"],
+        [str(BIN), "image", "build", "--template", "code-interpreter", "--for", "bwrap"],
         env=env,
         cwd=root,
         check=True,
@@ -336,3 +336,35 @@ async def test_concurrency_and_hour_quotas(up: Up) -> None:
             assert resp.status == 429
             error = (await resp.json())["error"]
         assert error["code"] == "quota_exceeded" and "resets at" in error["message"]
+
+
+async def test_a_microvm_sandbox_and_job(api: aiohttp.ClientSession, up: Up) -> None:
+    async with api.post("/v1/sandboxes", json={"isolation": "microvm"}) as resp:
+        body = await resp.json()
+    if resp.status != 201:
+        reason = f"microVM sandbox refused: {body}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    assert body["driver"] == "qemu" and body["isolation"] == "microvm"
+    sid = body["id"]
+    async with api.post(f"/v1/sandboxes/{sid}/commands", json={"cmd": "uname -r"}) as resp:
+        events = await ndjson(resp)
+    guest_kernel = text_of(events).strip()
+    assert guest_kernel and guest_kernel != os.uname().release, "must run on the guest kernel"
+    blob = secrets.token_bytes(3 * 1024 * 1024 + 1)
+    async with api.put(f"/v1/sandboxes/{sid}/files", params={"path": "in.bin"}, data=blob) as r:
+        assert r.status == 201, await r.text()
+    async with api.get(f"/v1/sandboxes/{sid}/files", params={"path": "in.bin"}) as r:
+        assert await r.read() == blob
+    async with api.post(f"/v1/sandboxes/{sid}/code", json={"code": "n = 6\nn * 7"}) as r:
+        events = await ndjson(r)
+    assert next(e for e in events if e["type"] == "result")["data"]["text/plain"] == "42"
+    async with api.delete(f"/v1/sandboxes/{sid}") as resp:
+        ended = await resp.json()
+    assert ended["termination_reason"] == "canceled" and ended["usage"]["sandbox_seconds"] >= 1
+    job = {"language": "bash", "code": "uname -r", "isolation": "microvm"}
+    async with api.post("/v1/jobs?wait=60", json=job) as resp:
+        done = await resp.json()
+    assert done["status"] == "completed", done
+    assert done["stdout"].strip() == guest_kernel

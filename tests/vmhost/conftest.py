@@ -77,6 +77,7 @@ def settings() -> VmhostSettings:
         "BULKHEAD_VMHOST_TOKEN": TOKEN,
         "BULKHEAD_VMHOST_WORK_DIR": str(work_dir),
         "BULKHEAD_SANDBOX_POOL": "0",  # cold starts; the warm pool has tests of its own
+        "BULKHEAD_SANDBOX_DRIVER": "bwrap",  # the default; qemu is there for isolation=microvm
     }
     return VmhostSettings.from_env(env)
 

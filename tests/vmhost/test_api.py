@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -23,7 +24,10 @@ async def test_healthz_and_info(vmhost: Vmhost) -> None:
     async with vmhost.session.get(f"{vmhost.url}/v1/info") as resp:
         info = await resp.json()
     assert info["driver"] == "bwrap"
-    assert info["drivers"] == {"bwrap": {"available": True, "reason": None}}
+    bwrap, qemu = info["drivers"]["bwrap"], info["drivers"]["qemu"]
+    assert bwrap == {"isolation": "namespace", "available": True, "reason": None, "default": True}
+    assert qemu["isolation"] == "microvm" and qemu["default"] is False
+    assert qemu["available"] or qemu["reason"]  # unavailable says why
     assert info["languages"]["python"] is True and info["languages"]["bash"] is True
     assert info["cgroups"] in ("v1", "v2", "none")
     assert info["active_runs"] == 0
@@ -149,9 +153,14 @@ def test_settings_require_a_token() -> None:
         VmhostSettings.from_env({})
 
 
-def test_qemu_driver_is_a_clear_startup_error() -> None:
+def test_qemu_driver_without_an_image_is_a_clear_startup_error(tmp_path: Path) -> None:
     from vmhost.drivers import select_driver
 
-    env = {"BULKHEAD_VMHOST_TOKEN": "x", "BULKHEAD_SANDBOX_DRIVER": "qemu"}
-    with pytest.raises(ConfigError, match="not built yet"):
+    env = {
+        "BULKHEAD_VMHOST_TOKEN": "x",
+        "BULKHEAD_SANDBOX_DRIVER": "qemu",
+        "BULKHEAD_IMAGE_DIR": str(tmp_path / "images"),
+        "BULKHEAD_VMHOST_WORK_DIR": str(tmp_path / "work"),
+    }
+    with pytest.raises(ConfigError, match="qemu"):  # not installed, or no image built
         select_driver(VmhostSettings.from_env(env))

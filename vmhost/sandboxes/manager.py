@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from vmhost.drivers.base import Driver, OpenSandbox, SandboxSpec, isoformat, utcnow
+from vmhost.drivers import Drivers
+from vmhost.drivers.base import OpenSandbox, SandboxSpec, isoformat, utcnow
 from vmhost.errors import Busy, InvalidRequest, NotFound, RunExists
 from vmhost.guest.session import GuestSession
 from vmhost.sandboxes.commands import Command
@@ -112,7 +113,7 @@ class HeldSandbox:
 
 
 class SandboxManager:
-    def __init__(self, drivers: dict[str, Driver], max_sandboxes: int) -> None:
+    def __init__(self, drivers: Drivers, max_sandboxes: int) -> None:
         """``drivers`` maps an isolation (namespace, microvm) to the driver providing it."""
         self.drivers = drivers
         self.max_sandboxes = max_sandboxes
@@ -135,13 +136,14 @@ class SandboxManager:
             raise RunExists(f"sandbox {spec.sandbox_id} is being created")
         if self.running + len(self._starting) >= self.max_sandboxes:
             raise Busy(f"this vmhost holds its maximum of {self.max_sandboxes} sandboxes")
-        driver = self.drivers.get(spec.isolation)
-        if driver is None:
+        if spec.isolation not in self.drivers:
+            reason = self.drivers.reasons.get(spec.isolation, "not configured")
             raise InvalidRequest(
-                f"isolation {spec.isolation!r} is not available on this vmhost "
-                f"(available: {', '.join(sorted(self.drivers)) or 'none'}; see `bulkhead doctor`)",
+                f"isolation {spec.isolation!r} is not available on this vmhost: {reason} "
+                "(see `bulkhead doctor`)",
                 "isolation_unavailable",
             )
+        driver = await self.drivers.use(spec.isolation)
         self._starting.add(spec.sandbox_id)
         try:
             opened = await driver.open(spec)
