@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
-from tests.vmhost.conftest import Vmhost
+from tests.vmhost.conftest import Vmhost, _serve
+from vmhost.settings import VmhostSettings
 
 
 async def _create(vmhost: Vmhost, **fields: Any) -> str:
@@ -114,4 +117,41 @@ async def test_code_context_state(vmhost: Vmhost) -> None:
     result = next(e for e in second if e["type"] == "result")
     assert result["data"]["text/plain"] == "42"
     assert second[-1] == {"type": "end", "execution_count": 2}
+    await vmhost.session.delete(base)
+
+
+async def test_upload_cap_is_413_and_leaves_nothing(settings: VmhostSettings) -> None:
+    async for vmhost in _serve(replace(settings, max_upload_bytes=1024 * 1024)):
+        sid = await _create(vmhost)
+        files = f"{vmhost.url}/v1/sandboxes/{sid}/files"
+
+        async def body() -> AsyncIterator[bytes]:  # no Content-Length: counted as it streams
+            for _ in range(3):
+                yield b"x" * (512 * 1024)
+
+        async with vmhost.session.put(f"{files}?path=big.bin", data=body()) as resp:
+            assert resp.status == 413
+            assert (await resp.json())["error"]["code"] == "file_too_large"
+        async with vmhost.session.put(f"{files}?path=big.bin", data=b"x" * (2 << 20)) as resp:
+            assert resp.status == 413
+        async with vmhost.session.get(f"{files}/list?path=.") as resp:
+            assert (await resp.json())["data"] == [], "no partial upload remains"
+        await vmhost.session.delete(f"{vmhost.url}/v1/sandboxes/{sid}")
+
+
+async def test_javascript_context(vmhost: Vmhost) -> None:
+    if not vmhost.driver.languages()["javascript"]:
+        print("node is not installed: the JavaScript context is not offered")
+        return
+    sid = await _create(vmhost)
+    base = f"{vmhost.url}/v1/sandboxes/{sid}"
+    async with vmhost.session.post(f"{base}/contexts", json={"language": "javascript"}) as r:
+        assert r.status == 201, await r.text()
+        context = (await r.json())["id"]
+    for code in ("const xs = [1, 2, 3]; console.log('n', xs.length)", "xs.map(x => x * 2)"):
+        async with vmhost.session.post(
+            f"{base}/code", json={"code": code, "context_id": context}
+        ) as r:
+            events = await _lines(r)
+    assert next(e for e in events if e["type"] == "result")["data"]["text/plain"] == "[ 2, 4, 6 ]"
     await vmhost.session.delete(base)
