@@ -6,7 +6,9 @@ Starts ``bulkhead up`` in a temporary directory (SQLite, or BULKHEAD_DATABASE_UR
 measures through the public API:
 
 1. create → first command: ``POST /v1/sandboxes`` then ``POST …/commands {"cmd": "true"}``
-   until its ``exit`` event (p50/p99), next to a bare ``bwrap … /bin/true`` (the floor).
+   until its ``exit`` event (p50/p99), next to a bare ``bwrap … /bin/true`` (the floor);
+   creates ``--gap`` seconds apart (the warm pool has refilled) and back to back (it has
+   not: cold starts).
    DESIGN §5: sandbox ready p50 ≤ 30 ms on bwrap, ≤ 300 ms restored from a snapshot on qemu.
 2. command round trip in an open sandbox (p50/p99), next to a bare fork+exec of /bin/true.
 3. files: ``PUT`` then ``GET`` of a random file of ``--mib`` MiB (MB/s), next to writing
@@ -57,7 +59,11 @@ async def create(http: aiohttp.ClientSession, url: str, isolation: str) -> str:
     return str(body["id"])
 
 
-async def ready_times(http: aiohttp.ClientSession, url: str, isolation: str, n: int) -> list[float]:
+async def ready_times(
+    http: aiohttp.ClientSession, url: str, isolation: str, n: int, gap_s: float
+) -> list[float]:
+    """create → first command, ``gap_s`` apart (long enough for the warm pool to refill, or 0
+    for back-to-back creates that outrun it)."""
     times = []
     for _ in range(n):
         started = time.perf_counter()
@@ -66,7 +72,7 @@ async def ready_times(http: aiohttp.ClientSession, url: str, isolation: str, n: 
         times.append((time.perf_counter() - started) * 1000)
         async with http.delete(f"{url}/v1/sandboxes/{sid}") as resp:
             assert resp.status == 200
-        await asyncio.sleep(0.05)  # let a warm pool refill as it would between real users
+        await asyncio.sleep(gap_s)
     return times
 
 
@@ -119,6 +125,7 @@ async def main() -> None:
     parser.add_argument("--n", type=int, default=50, help="samples per latency")
     parser.add_argument("--mib", type=int, default=50, help="file size for the files part")
     parser.add_argument("--isolation", default="namespace", help="comma list: namespace,microvm")
+    parser.add_argument("--gap", type=float, default=1.0, help="seconds between creates")
     args = parser.parse_args()
     data = secrets.token_bytes(args.mib * 1024 * 1024)
     with tempfile.TemporaryDirectory(prefix="bulkhead-bench-") as tmp:
@@ -137,11 +144,12 @@ async def main() -> None:
             async with aiohttp.ClientSession(headers=headers) as http:
                 for isolation in args.isolation.split(","):
                     try:
-                        await ready_times(http, url, isolation, 2)  # warm up
+                        await ready_times(http, url, isolation, 2, 1.0)  # warm up
                     except RuntimeError as exc:
                         print(f"[{isolation}] skipped: {exc}")
                         continue
-                    ready = await ready_times(http, url, isolation, args.n)
+                    ready = await ready_times(http, url, isolation, args.n, args.gap)
+                    burst = await ready_times(http, url, isolation, max(args.n // 3, 5), 0.0)
                     sid = await create(http, url, isolation)
                     await command(http, url, sid, "true")
                     rtt = await command_times(http, url, sid, args.n)
@@ -149,6 +157,7 @@ async def main() -> None:
                     async with http.delete(f"{url}/v1/sandboxes/{sid}"):
                         pass
                     print(f"[{isolation}] create -> first command {summary(ready)}")
+                    print(f"[{isolation}]   back to back        {summary(burst)}")
                     print(
                         f"[{isolation}]   ratio p50 {pct(ready, 50) / pct(bare, 50):.2f}x "
                         "bare bwrap (target: ready p50 <= 30 ms bwrap, <= 300 ms qemu)"
