@@ -21,6 +21,7 @@ from vmhost.drivers.kvm import KVM
 from vmhost.drivers.qemu import QemuDriver
 from vmhost.errors import VmhostError
 from vmhost.images.builder import find_image, image_path, list_images
+from vmhost.images.pyenv import find_pyenv
 from vmhost.settings import VmhostSettings
 from vmhost.templates import list_templates, load_template
 
@@ -79,6 +80,17 @@ def _images(settings: VmhostSettings) -> None:
     stale = [i for i in list_images(settings.image_dir) if i.path not in current]
     if stale:
         _line("stale images", None, f"{len(stale)} older builds (bulkhead image list)")
+    print("bwrap template environments (pip packages, mounted read-only):")
+    for name in list_templates():
+        template = load_template(name)
+        if not template.has_pip_env:
+            _line(name, True, "no pip packages: the host's /usr is enough")
+            continue
+        pyenv = find_pyenv(template, settings.image_dir)
+        if pyenv is None:
+            _line(name, False, f"not built: bulkhead image build --template {name} --for bwrap")
+        else:
+            _line(name, True, str(pyenv))
 
 
 def report(settings: VmhostSettings) -> None:
