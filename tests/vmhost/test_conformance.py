@@ -144,6 +144,13 @@ async def test_exec_python(driver: Driver) -> None:
     assert result.driver == driver.name
 
 
+async def test_user_code_runs_unprivileged(driver: Driver) -> None:
+    """bwrap: the sandbox uid (65534); qemu: the guest's "user" (1000), not root."""
+    result, _ = await run(driver, command=("sh", "-c", "id -u; touch ~/mine; stat -c %u ~/mine"))
+    uid, owner = result.outcome.stdout.split()
+    assert uid != "0" and owner == uid, result.outcome
+
+
 async def test_exec_bash_exit_code_and_stderr(driver: Driver) -> None:
     code = "echo out; echo err >&2; exit 7"
     result, _ = await run(driver, language="bash", code=code)

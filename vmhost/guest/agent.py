@@ -33,6 +33,9 @@ VERSION = 1
 AGENT_VERSION = "1.0.0"
 MAX_FRAME = 16 * 1024 * 1024
 MAX_READ_FILE = 8 * 1024 * 1024
+# "uid:gid" the agent runs processes and file operations as when it runs as root itself
+# (microVMs: the agent needs root to set the clock after a restore, user code does not)
+RUN_AS_ENV = "BULKHEAD_RUN_AS"
 CHUNK = 65536
 CAPABILITIES = ["exec", "stdin", "signal", "files", "background"]
 
@@ -202,6 +205,10 @@ def _child(
             os.close(fd)
         except OSError:
             pass
+        if RUN_AS is not None:
+            os.setgroups([])
+            os.setgid(RUN_AS[1])
+            os.setuid(RUN_AS[0])
         if cwd:
             os.chdir(cwd)
         if env is None:
@@ -272,7 +279,8 @@ class Agent:
             self.running = False
         else:
             try:
-                result = FILE_OPS[kind](frame, frame_id)
+                with _as_sandbox_user(kind != "sync"):
+                    result = FILE_OPS[kind](frame, frame_id)
             except OSError as exc:
                 code = ERRNO_CODES.get(exc.errno or 0, "io_error")
                 raise ProtocolError(code, f"{kind}: {exc}", frame_id) from None
@@ -615,7 +623,38 @@ FILE_OPS = {
 }
 
 
+class _as_sandbox_user:
+    """File operations run with the sandbox user's effective ids, so they create files it
+    owns and follow symlinks it planted with its own rights only."""
+
+    def __init__(self, wanted: bool) -> None:
+        self.active = wanted and RUN_AS is not None and os.geteuid() == 0
+
+    def __enter__(self) -> None:
+        if self.active and RUN_AS is not None:
+            os.setegid(RUN_AS[1])
+            os.seteuid(RUN_AS[0])
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.active:
+            os.seteuid(0)
+            os.setegid(0)
+
+
+def _run_as() -> tuple[int, int] | None:
+    raw = os.environ.get(RUN_AS_ENV, "")
+    if not raw or os.geteuid() != 0:
+        return None
+    uid, _, gid = raw.partition(":")
+    return int(uid), int(gid or uid)
+
+
+RUN_AS: tuple[int, int] | None = None
+
+
 def main() -> int:
+    global RUN_AS
+    RUN_AS = _run_as()
     # If the host end of the transport goes away, writing to it ends the agent.
     _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
     Agent(0, 1).serve()

@@ -28,7 +28,7 @@ from vmhost.images import initramfs, kernel, rootfs
 from vmhost.images.tools import require_root, static_busybox
 from vmhost.templates import Template
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"  # 2: user code runs as uid 1000
 REPO = Path(__file__).resolve().parent.parent.parent
 GUEST_IMAGE_DIR = REPO / "infra" / "guest-image"
 GUEST_DIR = REPO / "vmhost" / "guest"

@@ -172,6 +172,22 @@ def base_tree(template: Template, cache_dir: Path, progress: Callable[[str], Non
     return _cached(cache_dir, stage_key(template, True), "pip tree", pip, progress)
 
 
+SANDBOX_UID = 1000  # user code in the VM runs as this user (infra/guest-image/start)
+
+
+def _add_sandbox_user(root: Path) -> None:
+    """``user`` (uid/gid 1000, home /home/user): who jobs and sandbox commands run as."""
+    entries = {
+        "etc/passwd": f"user:x:{SANDBOX_UID}:{SANDBOX_UID}:sandbox:/home/user:/bin/bash\n",
+        "etc/group": f"user:x:{SANDBOX_UID}:\n",
+    }
+    for name, line in entries.items():
+        path = root / name
+        text = path.read_text()
+        if not any(row.startswith("user:") for row in text.splitlines()):
+            path.write_text(text + line)
+
+
 def interpreters(tree: Path, has_venv: bool) -> dict[str, str]:
     """Language -> absolute interpreter path inside the guest (only those present)."""
     found: dict[str, str] = {}
@@ -210,6 +226,7 @@ def assemble(
         run(["chroot", str(staging), "/usr/bin/python3", "-m", "compileall", "-q", f"/{GUEST_DIR}"])
         (staging / "home/user").mkdir(parents=True, exist_ok=True)
         (staging / "etc/hostname").write_text("sandbox\n")
+        _add_sandbox_user(staging)
         found = interpreters(staging, bool(template.pip_packages))
         files, size = 0, 0
         for root, dirs, names in os.walk(staging):
