@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -368,3 +369,25 @@ async def test_a_microvm_sandbox_and_job(api: aiohttp.ClientSession, up: Up) -> 
         done = await resp.json()
     assert done["status"] == "completed", done
     assert done["stdout"].strip() == guest_kernel
+
+
+async def test_a_sandbox_lost_with_its_vmhost_is_ended_and_billed_once(
+    api: aiohttp.ClientSession, up: Up
+) -> None:
+    sid = (await create(api))["id"]
+    vmhost_pid = up.state()["children"]["vmhost"]
+    os.kill(vmhost_pid, signal.SIGKILL)  # the sandbox dies with it (--die-with-parent)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        async with api.get(f"/v1/sandboxes/{sid}") as resp:
+            current = await resp.json()
+        if current["state"] == "ended":
+            break
+        await asyncio.sleep(0.5)
+    assert current["termination_reason"] == "internal_error", current
+    assert "vmhost" in current["error"]["message"]
+    assert up.state()["children"]["vmhost"] != vmhost_pid  # `up` restarted it
+    async with api.get("/v1/usage/sandboxes") as resp:
+        rows = [r for r in (await resp.json())["data"] if r["subject_id"] == sid]
+    assert len(rows) == 1 and rows[0]["sandbox_seconds"] == current["usage"]["sandbox_seconds"]
+    assert (await create(api))["state"] == "running"  # the restarted vmhost serves again
