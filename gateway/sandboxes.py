@@ -10,8 +10,7 @@ tenant's sandbox is "not found", never "forbidden".
 
 from __future__ import annotations
 
-import json
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -23,7 +22,7 @@ from billing.quota import account_state, admit, is_limited, lock_account
 from billing.sandbox_end import Ended, end_sandbox, record_end
 from bulkhead import queue
 from bulkhead.db import Database
-from bulkhead.errors import Conflict, NotFound
+from bulkhead.errors import Conflict, InvalidInput, NotFound
 from bulkhead.ids import new_id
 from bulkhead.models import ApiKey, Sandbox, utc, utcnow
 from bulkhead.vmhost_api import VmhostClient, VmhostDown, VmhostReply, parse_time
@@ -61,9 +60,9 @@ class SandboxService:
             raise Unavailable("no vmhost is configured (BULKHEAD_VMHOST_URLS, _TOKEN)")
         timeout_s = req.timeout_s or self.settings.sandbox_timeout_s
         if timeout_s > MAX_LIFETIME_S:
-            raise_invalid(f"timeout_s must be at most {MAX_LIFETIME_S:g} seconds (24 h)")
+            raise InvalidInput(f"timeout_s must be at most {MAX_LIFETIME_S:g} seconds (24 h)")
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
-            raise_invalid("Idempotency-Key must be 1-255 characters")
+            raise InvalidInput("Idempotency-Key must be 1-255 characters")
         row = await self._admit(key, req, timeout_s, idempotency_key, body_hash)
         if row.state != "starting" or row.vmhost_url is not None:
             return row, False  # an idempotent repeat
@@ -278,17 +277,3 @@ class SandboxService:
 
 def _matches(row: Sandbox, metadata: dict[str, str]) -> bool:
     return all(row.sandbox_metadata.get(k) == v for k, v in metadata.items())
-
-
-def raise_invalid(message: str) -> None:
-    from gateway.errors import Unprocessable
-
-    raise Unprocessable(message)
-
-
-def expires_in(row: Sandbox, now: datetime) -> float:
-    return max((utc(row.expires_at) - now).total_seconds(), 0.0)
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
