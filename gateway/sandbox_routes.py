@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from bulkhead import telemetry
 from gateway import schemas
 from gateway.context import KEY, SANDBOXES, SETTINGS
 from gateway.errors import NotFoundError, Unavailable, Unprocessable
@@ -96,7 +97,10 @@ async def relay(request: web.Request) -> web.StreamResponse:
         data = _body_stream(request)
     else:
         data = await request.read()
-    headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+    headers = {
+        "Content-Type": request.headers.get("Content-Type", "application/json"),
+        **telemetry.inject(),  # the vmhost continues this request's trace
+    }
     if request.content_length is not None and request.method == "PUT":
         headers["Content-Length"] = str(request.content_length)
     try:
