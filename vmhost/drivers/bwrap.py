@@ -33,13 +33,13 @@ from vmhost.drivers.base import (
 )
 from vmhost.drivers.capture import OutputCapture
 from vmhost.drivers.cgroups import Cgroups, RunCgroup
+from vmhost.drivers.guest_exec import run_exec
 from vmhost.drivers.layout import GUEST_MOUNT, HOME, RunDir, SandboxLayout
 from vmhost.drivers.network import SlirpNetwork
 from vmhost.drivers.sandbox_process import Credentials, SandboxProcess
 from vmhost.drivers.warm_pool import WarmPool
 from vmhost.errors import LanguageUnavailable, ProtocolError, RunError, SandboxError
 from vmhost.guest.channel import GuestChannel
-from vmhost.guest.protocol import b64decode, b64encode
 from vmhost.images.pyenv import find_pyenv, pyenv_env, pyenv_files
 from vmhost.settings import VmhostSettings
 from vmhost.templates import load_template
@@ -58,8 +58,6 @@ BASE_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 SOURCES = {"python": "main.py", "bash": "main.sh", "javascript": "main.js"}
-INLINE_STDIN = 1024 * 1024
-STDIN_CHUNK = 1024 * 1024
 POOL_REFILL_DELAY_S = 0.5  # after a held-open sandbox takes a prestarted one
 POOL_CPU_S = 86400.0  # a prestarted sandbox's CPU rlimit; the wall-clock timeout still applies
 # import (not run) the agent, so Python loads its precompiled bytecode
@@ -476,51 +474,6 @@ class BwrapDriver(Driver):
             channel = await self._start_sandbox(
                 sandbox, run_dir, spec.network, spec.memory_mb, spec.timeout_s, spec.vcpus
             )
-        exec_id = channel.new_id()
-        stdin = spec.stdin or b""
-        inline = len(stdin) <= INLINE_STDIN
-        await channel.send(
-            {
-                "type": "exec",
-                "id": exec_id,
-                "argv": argv,
-                "cwd": HOME,
-                "env": env,
-                "stdin": b64encode(stdin) if inline else None,
-                "stdin_open": not inline,
-                "max_output_bytes": spec.max_output_bytes,
-            }
+        return await run_exec(
+            channel, argv, HOME, env, spec.stdin or b"", spec.max_output_bytes, capture, sink
         )
-        feeder = None if inline else asyncio.ensure_future(self._feed(channel, exec_id, stdin))
-        started = False
-        try:
-            while True:
-                frame = await channel.read_frame()
-                kind = frame["type"]
-                if kind in ("ok", "error") and started:
-                    continue  # replies to stdin frames after the process already ended
-                if frame.get("id") != exec_id:
-                    raise ProtocolError(f"guest sent {kind!r} for unknown id {frame.get('id')!r}")
-                if kind in ("stdout", "stderr"):
-                    text = capture.feed(kind, b64decode(frame["data"]))
-                    if text:
-                        await sink.output(kind, text)
-                elif kind == "started":
-                    started = True
-                elif kind == "exit":
-                    return frame
-                elif kind == "error":
-                    raise ProtocolError(f"guest refused exec: {frame['code']}: {frame['message']}")
-                else:
-                    raise ProtocolError(f"guest sent an unexpected {kind!r} frame")
-        finally:
-            if feeder is not None:
-                feeder.cancel()
-                await asyncio.gather(feeder, return_exceptions=True)
-
-    @staticmethod
-    async def _feed(channel: GuestChannel, exec_id: str, data: bytes) -> None:
-        for offset in range(0, len(data), STDIN_CHUNK):
-            chunk = b64encode(data[offset : offset + STDIN_CHUNK])
-            await channel.send({"type": "stdin", "id": exec_id, "data": chunk, "eof": False})
-        await channel.send({"type": "stdin", "id": exec_id, "data": None, "eof": True})
