@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from vmhost.drivers.base import isoformat, utcnow
-from vmhost.errors import ProtocolError
+from vmhost.errors import InvalidRequest, ProtocolError
 from vmhost.guest.protocol import b64decode
 from vmhost.guest.session import Exec
 
@@ -85,8 +85,6 @@ class Command:
 
     async def send_stdin(self, data: bytes, eof: bool) -> None:
         if not self.stdin_open or not self.running:
-            from vmhost.errors import InvalidRequest
-
             raise InvalidRequest(f"process {self.pid} has no open stdin", "stdin_closed")
         await self.exec.stdin(data, eof)
         if eof:

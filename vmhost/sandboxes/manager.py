@@ -27,6 +27,7 @@ from vmhost.sandboxes.interpreter import Interpreter
 
 log = logging.getLogger("vmhost.sandboxes")
 TOMBSTONE_S = 3600.0
+MAX_COMMANDS = 256  # kept per sandbox; the oldest finished ones are forgotten first
 DEFAULT_COMMAND_TIMEOUT_S = 60.0
 
 
@@ -98,12 +99,18 @@ class HeldSandbox:
             pid = -len(self.commands) - 1
         command = Command(pid, cmd, background, handle, buffer_cap, stdin_open=True)
         self.commands[pid] = command
+        self._forget_finished()
         command.start(timeout_s or None)
         if stdin:
             await command.send_stdin(stdin, eof=not background)
         elif not background:
             await command.send_stdin(b"", eof=True)
         return command
+
+    def _forget_finished(self) -> None:
+        finished = [pid for pid, c in self.commands.items() if not c.running]
+        for pid in finished[: max(len(self.commands) - MAX_COMMANDS, 0)]:
+            del self.commands[pid]
 
     def command(self, pid: int) -> Command:
         command = self.commands.get(pid)
