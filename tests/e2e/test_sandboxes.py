@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.conftest import fresh_pg_database
 from tests.e2e.conftest import BIN, Up, run_up
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
@@ -32,10 +34,14 @@ PLANS = {
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def up(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    """``bulkhead up`` on its default SQLite file, then on PostgreSQL."""
+    stack = contextlib.ExitStack()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BULKHEAD_")}
     env["BULKHEAD_PLANS"] = json.dumps(PLANS)
+    if request.param == "postgresql":
+        env["BULKHEAD_DATABASE_URL"] = stack.enter_context(fresh_pg_database())
     root = tmp_path_factory.mktemp("sandboxes")
     # the code-interpreter template's environment, built by the README's command (cached)
     subprocess.run(
@@ -45,7 +51,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         check=True,
         timeout=900,
     )
-    yield from run_up(root, env)
+    with stack:
+        yield from run_up(root, env)
 
 
 def new_key(up: Up, plan: str = "free") -> dict[str, str]:
