@@ -16,3 +16,5 @@ lint: setup
 
 bench: setup
 	.venv/bin/python bench/jobs.py
+	.venv/bin/python bench/sandbox_start.py
+	.venv/bin/python bench/sandbox_api.py --isolation namespace,microvm
