@@ -80,6 +80,14 @@ class GuestSession:
         Requests about an exec (``signal``) carry that exec's id; their reply is told apart
         from the exec's own frames by type (``ok``/``error``).
         """
+        return await (await self.submit(frame))
+
+    async def submit(self, frame: Mapping[str, Any]) -> asyncio.Future[Frame]:
+        """Send a request now; the returned awaitable gives its reply (as ``request`` does).
+
+        Requests are sent in call order and the agent answers them in order, so a caller can
+        keep several in flight (pipelined chunks of one file) and await them in turn.
+        """
         if "id" in frame:
             key, message = f"{frame['id']}#reply", dict(frame)
         else:
@@ -89,6 +97,13 @@ class GuestSession:
         self._requests[key] = future
         try:
             await self.send(message)
+        except BaseException:
+            self._requests.pop(key, None)
+            raise
+        return asyncio.ensure_future(self._reply(key, future))
+
+    async def _reply(self, key: str, future: asyncio.Future[Frame]) -> Frame:
+        try:
             reply = await future
         finally:
             self._requests.pop(key, None)

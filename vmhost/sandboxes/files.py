@@ -10,8 +10,10 @@ a temporary name and is renamed into place once complete.
 
 from __future__ import annotations
 
+import asyncio
 import posixpath
 import secrets
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +22,7 @@ from vmhost.guest.protocol import b64decode, b64encode
 from vmhost.guest.session import GuestRequestError, GuestSession
 
 CHUNK = 1024 * 1024
+WINDOW = 4  # chunk requests in flight per transfer
 MAX_DEPTH = 10
 MAX_ENTRIES = 10_000
 STATUS = {
@@ -69,29 +72,37 @@ class SandboxFiles:
         return {"path": self.resolve(path), "name": posixpath.basename(self.resolve(path)), **info}
 
     async def write(self, path: str, chunks: AsyncIterator[bytes], mode: int | None) -> int:
-        """Stream ``chunks`` into ``path`` (parents created); returns the bytes written."""
+        """Stream ``chunks`` into ``path`` (parents created); returns the bytes written.
+
+        Up to ``WINDOW`` chunk writes are in flight at once: the agent applies them in the
+        order they were sent, so the next chunk travels while the previous one is written.
+        """
         target = self.resolve(path)
         parent = posixpath.dirname(target)
         await self._call({"type": "mkdir", "path": parent, "parents": True, "mode": None})
         temp = posixpath.join(parent, f".bulkhead-upload-{secrets.token_hex(6)}")
         size = 0
-        first = True
+        pending: deque[asyncio.Future[dict[str, Any]]] = deque()
         try:
-            pending = bytearray()
+            buffer = bytearray()
             async for chunk in chunks:
-                pending += chunk
-                while len(pending) >= CHUNK:
-                    await self._append(temp, bytes(pending[:CHUNK]), first, mode)
-                    size, first = size + CHUNK, False
-                    del pending[:CHUNK]
-            await self._append(temp, bytes(pending), first, mode)
-            size += len(pending)
+                buffer += chunk
+                while len(buffer) >= CHUNK:
+                    await self._append(pending, temp, bytes(buffer[:CHUNK]), size == 0, mode)
+                    size += CHUNK
+                    del buffer[:CHUNK]
+            await self._append(pending, temp, bytes(buffer), size == 0, mode)
+            size += len(buffer)
+            while pending:
+                await self._settle(pending.popleft())
             try:
                 await self._call({"type": "remove", "path": target, "recursive": False})
             except NotFound:
                 pass
             await self._call({"type": "move", "source": temp, "destination": target})
         except BaseException:
+            for future in pending:
+                future.cancel()
             try:
                 await self.session.request({"type": "remove", "path": temp, "recursive": False})
             except Exception:  # noqa: BLE001 - best effort: the temp file may not exist
@@ -99,16 +110,31 @@ class SandboxFiles:
             raise
         return size
 
-    async def _append(self, path: str, data: bytes, first: bool, mode: int | None) -> None:
-        await self._call(
-            {
-                "type": "write_file",
-                "path": path,
-                "data": b64encode(data),
-                "mode": mode,
-                "append": not first,
-            }
-        )
+    async def _append(
+        self,
+        pending: deque[asyncio.Future[dict[str, Any]]],
+        path: str,
+        data: bytes,
+        first: bool,
+        mode: int | None,
+    ) -> None:
+        if len(pending) >= WINDOW:
+            await self._settle(pending.popleft())
+        frame = {
+            "type": "write_file",
+            "path": path,
+            "data": b64encode(data),
+            "mode": mode,
+            "append": not first,
+        }
+        pending.append(await self.session.submit(frame))
+
+    @staticmethod
+    async def _settle(reply: asyncio.Future[dict[str, Any]]) -> None:
+        try:
+            await reply
+        except GuestRequestError as exc:
+            raise _translate(exc) from None
 
     async def read(self, path: str) -> AsyncIterator[bytes]:
         """The file's bytes in chunks (checked to be a regular file first)."""
@@ -116,17 +142,30 @@ class SandboxFiles:
         info = await self.stat(path, follow=True)
         if info["type"] != "file":
             raise FileError(422, "not_a_file", f"{target} is a {info['type']}, not a file")
+        pending: deque[asyncio.Future[dict[str, Any]]] = deque()
         offset = 0
-        while True:
-            reply = await self._call(
-                {"type": "read_file", "path": target, "offset": offset, "length": CHUNK}
-            )
-            data = b64decode(reply["data"])
-            if data:
-                yield data
-            offset += len(data)
-            if reply.get("eof", True):
-                return
+        try:
+            for _ in range(WINDOW):  # read ahead: later chunks travel while one is sent on
+                pending.append(await self._read_chunk(target, offset))
+                offset += CHUNK
+            while pending:
+                reply = await pending.popleft()
+                data = b64decode(reply["data"])
+                if data:
+                    yield data
+                if reply.get("eof", True):
+                    return
+                pending.append(await self._read_chunk(target, offset))
+                offset += CHUNK
+        except GuestRequestError as exc:
+            raise _translate(exc) from None
+        finally:
+            for future in pending:
+                future.cancel()
+
+    async def _read_chunk(self, path: str, offset: int) -> asyncio.Future[dict[str, Any]]:
+        frame = {"type": "read_file", "path": path, "offset": offset, "length": CHUNK}
+        return await self.session.submit(frame)
 
     async def remove(self, path: str) -> None:
         target = self.resolve(path)
