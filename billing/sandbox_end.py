@@ -24,6 +24,7 @@ from billing.charges import Run, charge_run
 from billing.plans import Plans
 from bulkhead.db import Database
 from bulkhead.models import TERMINATION_REASONS, ApiKey, Sandbox, WebhookEvent, aware, utcnow
+from bulkhead.vmhost_api import parse_time
 
 log = logging.getLogger("bulkhead.billing.sandboxes")
 EndCall = Callable[[str, str, str], Awaitable[dict[str, Any] | None]]
@@ -33,12 +34,6 @@ EndCall = Callable[[str, str, str], Awaitable[dict[str, Any] | None]]
 class Ended:
     sandbox: Sandbox
     events: list[WebhookEvent]  # quota events to enqueue for delivery
-
-
-def _time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 async def end_sandbox(
@@ -56,8 +51,9 @@ async def end_sandbox(
     if sandbox.state != "ended" and sandbox.vmhost_url:
         record = await call_end(sandbox.vmhost_url, sandbox.id, reason)
     now = utcnow()
-    started = _time(record and record.get("started_at")) or aware(sandbox.started_at)
-    ended = _time(record and record.get("ended_at")) or now
+    record_times = record or {}
+    started = parse_time(record_times.get("started_at")) or aware(sandbox.started_at)
+    ended = parse_time(record_times.get("ended_at")) or now
     if record is not None and record.get("end_reason") not in (None, "canceled", reason):
         # it ended by itself first (oom, its hard deadline, the vmhost shutting down)
         own = str(record["end_reason"])

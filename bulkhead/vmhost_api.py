@@ -46,8 +46,9 @@ class VmhostReply:
         return {"code": "vmhost_error", "message": f"vmhost answered HTTP {self.status}"}
 
 
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
+def parse_time(value: Any) -> datetime | None:
+    """An ISO time the vmhost sent (``…Z``), or None when absent."""
+    if not isinstance(value, str) or not value:
         return None
     return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
 

@@ -33,7 +33,7 @@ def _float_param(request: web.Request, name: str, default: float) -> float:
     return value
 
 
-def _limit(request: web.Request) -> int:
+def page_limit(request: web.Request) -> int:
     try:
         limit = int(request.query.get("limit", "20"))
     except ValueError as exc:
@@ -75,7 +75,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in JOB_STATUSES:
         raise Unprocessable(f"status must be one of {', '.join(JOB_STATUSES)}")
-    limit = _limit(request)
+    limit = page_limit(request)
     page = await request.app[JOBS].page(request[KEY], status, limit, request.query.get("cursor"))
     return web.json_response(page.public())
 
@@ -146,7 +146,7 @@ async def put_account_webhook(request: web.Request) -> web.Response:
 
 
 async def list_usage_records(request: web.Request) -> web.Response:
-    limit = _limit(request)
+    limit = page_limit(request)
     page = await usage.records(request.app[DB], request[KEY], limit, request.query.get("cursor"))
     return web.json_response(page)
 

@@ -19,8 +19,8 @@ from bulkhead import telemetry
 from gateway import schemas
 from gateway.context import KEY, SANDBOXES, SETTINGS
 from gateway.errors import NotFoundError, Unavailable, Unprocessable
+from gateway.routes import page_limit
 
-MAX_PAGE = 100
 STATES = ("starting", "running", "ended")
 METADATA_PARAM = re.compile(r"^metadata\[(.{1,64})\]$")
 RELAYED_HEADERS = ("Content-Type", "Content-Length")
@@ -46,12 +46,7 @@ async def list_sandboxes(request: web.Request) -> web.Response:
             metadata[match.group(1)] = value
         elif name not in ("state", "limit", "cursor"):
             raise Unprocessable(f"unknown query parameter {name!r}")
-    try:
-        limit = int(request.query.get("limit", "20"))
-    except ValueError as exc:
-        raise Unprocessable("limit must be an integer") from exc
-    if not 1 <= limit <= MAX_PAGE:
-        raise Unprocessable(f"limit must be between 1 and {MAX_PAGE}")
+    limit = page_limit(request)
     rows, cursor = await request.app[SANDBOXES].list(
         request[KEY], state, metadata, limit, request.query.get("cursor")
     )

@@ -24,7 +24,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from billing.metering import MeterSender
 from bulkhead import queue, telemetry
 from bulkhead.db import Database
-from bulkhead.vmhost_api import VmhostClient
 from workers.billing_crons import enforce_quotas, flush_usage
 from workers.reconcile import reconcile_jobs
 from workers.runner import Deps, run_job
@@ -96,9 +95,6 @@ def build_worker(settings: WorkerSettings) -> WakeableWorker:
         await sender.start()
         ctx["deps"] = Deps(settings=settings, db=db, redis=ctx["redis"], vmhosts=vmhosts)
         ctx["webhooks"] = sender
-        sandbox_vmhosts = VmhostClient(settings.vmhost_urls, settings.vmhost_token)
-        await sandbox_vmhosts.start()
-        ctx["sandbox_vmhosts"] = sandbox_vmhosts
         if settings.stripe.api_key is not None:
             ctx["meter_sender"] = MeterSender(settings.stripe)
         log.info("worker ready: vmhosts %s", ", ".join(settings.vmhost_urls))
@@ -108,9 +104,6 @@ def build_worker(settings: WorkerSettings) -> WakeableWorker:
         if deps is not None:
             await deps.vmhosts.close()
             await deps.db.close()
-        sandbox_vmhosts: VmhostClient | None = ctx.get("sandbox_vmhosts")
-        if sandbox_vmhosts is not None:
-            await sandbox_vmhosts.close()
         sender: WebhookSender | None = ctx.get("webhooks")
         if sender is not None:
             await sender.close()

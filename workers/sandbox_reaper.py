@@ -37,7 +37,7 @@ STARTING_GRACE_S = 180.0  # longer than a cold microVM start under TCG
 
 async def reap_sandboxes(ctx: dict[str, Any]) -> dict[str, int]:
     deps: Deps = ctx["deps"]
-    client: VmhostClient = ctx["sandbox_vmhosts"]
+    client: VmhostClient = deps.vmhosts  # runs and sandbox calls share one session
     now = utcnow()
     plans = deps.settings.plans
     due: dict[str, tuple[Sandbox, str]] = {}

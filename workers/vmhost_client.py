@@ -7,7 +7,6 @@ connection is skipped for the next one. Dropping the stream kills the run on the
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -15,32 +14,18 @@ from typing import Any
 import aiohttp
 
 from bulkhead import telemetry
+from bulkhead.vmhost_api import VmhostClient
 from workers.errors import VmhostRejected, VmhostUnavailable
 
-CONNECT_TIMEOUT_S = 5.0
 
+class VmhostPool(VmhostClient):
+    """The shared vmhost client (session, round robin, the sandbox calls the reaper makes)
+    plus one-shot runs."""
 
-class VmhostPool:
     def __init__(self, urls: list[str], token: str) -> None:
         if not urls:
             raise ValueError("at least one vmhost URL is needed")
-        self.urls = [u.rstrip("/") for u in urls]
-        self._next = itertools.cycle(range(len(self.urls)))
-        self._headers = {"Authorization": f"Bearer {token}"}
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
-        self._session = aiohttp.ClientSession(timeout=timeout, headers=self._headers)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "VmhostPool.start() was not awaited"
-        return self._session
+        super().__init__(urls, token)
 
     async def run(
         self, spec: dict[str, Any], on_host: Callable[[str], None], retry_for_s: float = 20.0

@@ -74,6 +74,17 @@ async def create(api: aiohttp.ClientSession, **body: Any) -> dict[str, Any]:
     return sandbox
 
 
+async def until_ended(api: aiohttp.ClientSession, sid: str, timeout_s: float) -> dict[str, Any]:
+    """Poll the sandbox until it has ended (or ``timeout_s`` passed); its last state."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        async with api.get(f"/v1/sandboxes/{sid}") as resp:
+            current: dict[str, Any] = await resp.json()
+        if current["state"] == "ended" or time.monotonic() > deadline:
+            return current
+        await asyncio.sleep(0.2)
+
+
 async def ndjson(resp: aiohttp.ClientResponse) -> list[dict[str, Any]]:
     assert resp.status == 200, await resp.text()
     assert resp.headers["Content-Type"].startswith("application/x-ndjson")
@@ -260,13 +271,7 @@ async def test_timeout_extension_and_expiry(api: aiohttp.ClientSession) -> None:
     await asyncio.sleep(2.5)
     async with api.get(f"/v1/sandboxes/{sid}") as resp:
         assert (await resp.json())["state"] == "running", "the extension must hold"
-    deadline = time.monotonic() + 30
-    while True:
-        async with api.get(f"/v1/sandboxes/{sid}") as resp:
-            current = await resp.json()
-        if current["state"] == "ended" or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)
+    current = await until_ended(api, sid, 30)
     assert current["termination_reason"] == "timeout", current
     assert 4 <= current["usage"]["sandbox_seconds"] <= 8
     async with api.post(f"/v1/sandboxes/{sid}/commands", json={"cmd": "true"}) as resp:
@@ -283,13 +288,7 @@ async def test_nothing_outlives_the_plan_lifetime(up: Up) -> None:
         sid = sandbox["id"]
         async with api.post(f"/v1/sandboxes/{sid}/timeout", json={"timeout_s": 3600}) as resp:
             assert (await resp.json())["expires_at"] == sandbox["lifetime_ends_at"]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            async with api.get(f"/v1/sandboxes/{sid}") as resp:
-                current = await resp.json()
-            if current["state"] == "ended":
-                break
-            await asyncio.sleep(0.2)
+        current = await until_ended(api, sid, 30)
         assert current["termination_reason"] == "lifetime_exceeded", current
 
 
@@ -331,13 +330,7 @@ async def test_concurrency_and_hour_quotas(up: Up) -> None:
 
     async with aiohttp.ClientSession(headers=new_key(up, "tiny"), base_url=up.url) as api:
         sid = (await create(api, timeout_s=120))["id"]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            async with api.get(f"/v1/sandboxes/{sid}") as resp:
-                current = await resp.json()
-            if current["state"] == "ended":
-                break
-            await asyncio.sleep(0.2)
+        current = await until_ended(api, sid, 30)
         assert current["termination_reason"] == "quota_exceeded", current
         assert current["usage"]["sandbox_seconds"] == 4, "billed up to the line, not past it"
         async with api.post("/v1/sandboxes", json={}) as resp:
@@ -384,13 +377,7 @@ async def test_a_sandbox_lost_with_its_vmhost_is_ended_and_billed_once(
     sid = (await create(api))["id"]
     vmhost_pid = up.state()["children"]["vmhost"]
     os.kill(vmhost_pid, signal.SIGKILL)  # the sandbox dies with it (--die-with-parent)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        async with api.get(f"/v1/sandboxes/{sid}") as resp:
-            current = await resp.json()
-        if current["state"] == "ended":
-            break
-        await asyncio.sleep(0.5)
+    current = await until_ended(api, sid, 60)
     assert current["termination_reason"] == "internal_error", current
     assert "vmhost" in current["error"]["message"]
     assert up.state()["children"]["vmhost"] != vmhost_pid  # `up` restarted it

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from vmhost.errors import ConfigError
+from vmhost.images.tools import run
 from vmhost.templates import Template
 
 PYTHON = "/usr/bin/python3"
@@ -58,11 +58,11 @@ def build_pyenv(
     try:
         shutil.rmtree(staging)
         progress(f"{template.name}: creating a virtualenv with {PYTHON}")
-        _run([PYTHON, "-m", "venv", str(staging)], "python3 -m venv (apt-get install python3-venv)")
+        run([PYTHON, "-m", "venv", str(staging)])  # Debian: needs python3-venv
         packages = list(template.pip_packages)
         progress(f"{template.name}: pip install {' '.join(packages)}")
         pip = [str(staging / "bin" / "python3"), "-m", "pip"]
-        _run([*pip, "install", "--disable-pip-version-check", "-q", *packages], "pip install")
+        run([*pip, "install", "--disable-pip-version-check", "-q", *packages])
         os.chmod(staging, 0o755)
         staging.rename(target)  # the venv's scripts name the staging path; python3 does not
         _fix_scripts(staging, target)
@@ -70,7 +70,7 @@ def build_pyenv(
             progress(f"{template.name}: building matplotlib's font cache")
             env = {**os.environ, "MPLCONFIGDIR": str(target / "mplconfig"), "MPLBACKEND": "Agg"}
             code = "import matplotlib.pyplot as plt; plt.figure()"
-            _run([str(target / "bin" / "python3"), "-c", code], "matplotlib import", env)
+            run([str(target / "bin" / "python3"), "-c", code], env=env)
         (target / ".complete").write_text(template.digest + "\n")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -88,16 +88,6 @@ def _fix_scripts(old: Path, new: Path) -> None:
         data = path.read_bytes()
         if str(old).encode() in data[:4096] or path.name == "pyvenv.cfg":
             path.write_bytes(data.replace(str(old).encode(), str(new).encode()))
-
-
-def _run(argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{what}: {exc}") from exc
-    if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip()[-2000:]
-        raise ConfigError(f"{what} failed (exit {proc.returncode}): {detail}")
 
 
 def pyenv_env(pyenv: Path, user_env: dict[str, str]) -> dict[str, str]:
